@@ -1,0 +1,3 @@
+from moetrt.compiler.cli import main
+
+raise SystemExit(main())

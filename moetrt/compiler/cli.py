@@ -1,0 +1,171 @@
+"""The ``moetrt`` command line: a thin layer over the public API, one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from moetrt.errors import MoetrtError
+
+
+def _add_dtype(p: argparse.ArgumentParser, default: str | None, choices=("fp16", "fp32")) -> None:
+    p.add_argument("--dtype", choices=choices, default=default,
+                   help="storage dtype of the weights" + (f" (default {default})" if default else " (default: keep)"))
+
+
+def cmd_init_checkpoint(args) -> int:
+    from moetrt.models import get_preset
+    from moetrt.models.checkpoints import init_checkpoint, parse_dtype
+
+    config = get_preset(args.preset)
+    start = time.perf_counter()
+    out = init_checkpoint(args.out, config, args.format, parse_dtype(args.dtype), args.tp, args.seed,
+                          progress=not args.quiet, force=args.force)
+    print(f"wrote {args.format} checkpoint of preset {args.preset!r} ({args.dtype}, tp={args.tp}) to {out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from moetrt.models.checkpoints import convert, parse_dtype
+
+    start = time.perf_counter()
+    out = convert(args.src, args.dst, args.to, args.tp, parse_dtype(args.dtype) if args.dtype else None,
+                  progress=not args.quiet, force=args.force)
+    print(f"converted {args.src} to {args.to} at {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)
+
+
+def cmd_inspect(args) -> int:
+    from moetrt.models.checkpoints import DTYPE_NAMES, open_checkpoint
+
+    with open_checkpoint(args.checkpoint) as reader:
+        config = reader.config
+        counts = config.parameter_counts()
+        itemsize = reader.dtype.itemsize
+        gate = config.num_experts * config.hidden_size * len(config.moe_layers)
+        info = {
+            "path": str(reader.path), "format": reader.format, "dtype": DTYPE_NAMES.get(reader.dtype),
+            "tensor_parallel": reader.tensor_parallel, "config": config.to_dict(),
+            "parameters_total": counts["total"], "parameters_active_per_token": counts["active"],
+            "bytes": (counts["total"] - gate) * itemsize + gate * 4,
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['format']} checkpoint, {info['dtype']}, tensor-parallel {info['tensor_parallel']}")
+    for key, value in info["config"].items():
+        print(f"  {key:26s} {value}")
+    print(f"  {'parameters (total)':26s} {counts['total']:,}")
+    print(f"  {'parameters (active/token)':26s} {counts['active']:,}")
+    print(f"  {'weight bytes':26s} {info['bytes']:,} ({_human_bytes(info['bytes'])})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The whole path that exists so far on the built-in tiny preset."""
+    import torch
+
+    from moetrt.models import SamplingParams, get_preset, load
+    from moetrt.models.checkpoints import FORMATS, init_checkpoint
+
+    config = get_preset("tiny")
+    with tempfile.TemporaryDirectory(prefix="moetrt-demo-") as tmp:
+        work = Path(args.workdir or tmp)
+        print(f"[1/3] writing the tiny preset in every checkpoint format under {work}")
+        for fmt in FORMATS:
+            init_checkpoint(work / fmt, config, fmt, torch.float16, tp=2 if fmt == "fastertransformer" else 1,
+                            seed=args.seed, force=True)
+        print("[2/3] loading each and comparing logits of a random prompt (fp32 reference model)")
+        prompt = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(args.seed))
+        models = {fmt: load(work / fmt) for fmt in FORMATS}
+        ref = models[FORMATS[0]](prompt)
+        for fmt, model in models.items():
+            diff = (model(prompt) - ref).abs().max().item()
+            print(f"      {fmt:20s} max |logits - {FORMATS[0]}| = {diff:.3g}")
+            if diff != 0.0:
+                raise MoetrtError(f"demo: {fmt} checkpoint gives different logits ({diff:.3g})")
+        print(f"[3/3] generating {args.max_new_tokens} tokens greedily with the torch reference model")
+        out = models[FORMATS[0]].generate([prompt[0].tolist()], args.max_new_tokens, SamplingParams())
+        print(f"      prompt ids:    {prompt[0].tolist()}")
+        print(f"      generated ids: {out[0]}")
+    print("demo: ok (checkpoints + reference model; compile and GPU runtime are not built yet)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moetrt.models.checkpoints import FORMATS
+    from moetrt.models.config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="moetrt", description="Compile GPT-style Mixture-of-Experts checkpoints into fast inference engines.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init-checkpoint", help="write a checkpoint of random weights for a preset",
+                       description="Write a checkpoint of random (non-degenerate) weights for a preset model.")
+    p.add_argument("out", help="output folder (must not exist or be empty, unless --force)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
+    p.add_argument("--format", default="moetrt", choices=FORMATS, help="checkpoint format (default moetrt)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel split (fastertransformer only; default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_dtype(p, "fp16")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("convert", help="re-write a checkpoint in another format",
+                       description="Convert a checkpoint (format detected) to another format, tensor by tensor.")
+    p.add_argument("src", help="source checkpoint folder")
+    p.add_argument("dst", help="destination folder")
+    p.add_argument("--to", required=True, choices=FORMATS, help="destination format")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel split (fastertransformer only; default 1)")
+    _add_dtype(p, None)
+    p.add_argument("--force", action="store_true", help="replace an existing destination folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="show a checkpoint's configuration and size",
+                       description="Show a checkpoint's format, configuration, parameter counts and bytes.")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in tiny model",
+                       description="Run every stage that exists on the built-in tiny preset and check them.")
+    p.add_argument("--workdir", help="keep the files here instead of a temporary folder")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MoetrtError as exc:
+        if args.debug:
+            raise
+        print(f"moetrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moetrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
