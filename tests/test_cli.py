@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moetrt.compiler.cli import main
+
+
+def test_init_inspect_convert(tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert main(["init-checkpoint", str(out), "--preset", "tiny", "--format", "megatron-deepspeed",
+                 "--dtype", "fp32", "--seed", "4", "--quiet"]) == 0
+    assert main(["convert", str(out), str(tmp_path / "ft"), "--to", "fastertransformer", "--tp", "2",
+                 "--dtype", "fp16", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ft"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "fastertransformer" and info["dtype"] == "fp16" and info["tensor_parallel"] == 2
+    assert info["config"]["num_experts"] == 8
+    assert info["parameters_total"] == 713472 and info["parameters_active_per_token"] == 250240
+    # fp16 everywhere but the fp32 gate (2 MoE layers x 8 experts x 64)
+    assert info["bytes"] == (713472 - 2 * 8 * 64) * 2 + 2 * 8 * 64 * 4
+    assert main(["inspect", str(out)]) == 0
+    assert "parameters (active/token)  250,240" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "/nonexistent/ckpt"], "moetrt inspect: error: /nonexistent/ckpt: no such checkpoint folder"),
+    (["init-checkpoint", "{tmp}/x", "--preset", "tiny", "--format", "fastertransformer", "--tp", "3"],
+     "must divide num_heads (4)"),
+    (["init-checkpoint", "{tmp}/x", "--preset", "tiny", "--format", "fastertransformer", "--dtype", "fp32",
+      "--tp", "0"], "tensor-parallel size must be >= 1"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv + ["--quiet"] if argv[0] == "init-checkpoint" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_dash_m_and_help():
+    result = subprocess.run([sys.executable, "-m", "moetrt", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("init-checkpoint", "convert", "inspect", "demo"):
+        assert command in result.stdout
+    result = subprocess.run([sys.executable, "-m", "moetrt", "init-checkpoint", "--help"], capture_output=True,
+                            text=True)
+    assert "--preset" in result.stdout and "gpt-moe-350m-64e" in result.stdout
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: ok" in out and "generated ids" in out
