@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: environment facts, the whole test suite (GPU tests included), logs to $OUT.
-# Expects the kernel library built on the dev machine and carried in .devbuild/ (see docs/architecture.md).
+# One call on the GPU machine: environment facts, the whole test suite (GPU tests included), then the kernel
+# benchmark; logs under $OUT. Expects the kernel library built on the dev machine in .devbuild/ (carried).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 --version;
-  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; } > "$OUT/env.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; python3 --version;
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; date -u; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python3 -m pytest -q -rs tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
-exit "${PIPESTATUS[0]}"
+python3 -m pytest -q -x -rs tests -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
+status=${PIPESTATUS[0]}
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 -m moetrt bench kernels --output "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
+fi
+exit "$status"

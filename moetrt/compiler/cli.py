@@ -105,6 +105,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.target != "kernels":
+        raise MoetrtError(f"bench: unknown target {args.target!r}; available: kernels "
+                          "(engine benchmarks arrive with the runtime)")
+    from moetrt.plugins import bench
+
+    bench.run(args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moetrt.models.checkpoints import FORMATS
     from moetrt.models.config import PRESETS
@@ -149,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark kernels against their floors and PyTorch",
+                       description="Benchmark: `moetrt bench kernels` times each CUDA kernel against the device's "
+                                   "measured copy bandwidth / matrix rate and against PyTorch (needs a GPU).")
+    p.add_argument("target", help="'kernels'")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

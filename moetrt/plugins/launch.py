@@ -14,6 +14,31 @@ from dataclasses import dataclass
 from moetrt.errors import KernelError
 from moetrt.plugins.kernels import DTYPE_CODES, check, load_library
 
+ACTIVATION_CODES = {"gelu_tanh": 0, "gelu": 1}  # moetrt_kernels.h
+_P, _I64, _I32, _F32, _SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
+_SIGNATURES = {
+    "moetrt_embedding": [_P] * 5 + [_I64] * 4 + [_I32, _P],
+    "moetrt_add_layernorm": [_P] * 6 + [_I64, _I64, _F32, _I32, _P],
+    "moetrt_bias_act": [_P] * 3 + [_I64, _I64, _I32, _I32, _P],
+    "moetrt_attention_workspace_size": [_I32] * 4 + [ctypes.POINTER(_SZ)],
+    "moetrt_attention": [_P] * 4 + [_I32] * 7 + [_P, _SZ, _P],
+    "moetrt_moe_capacity": [_I64, _I32, _I32, _F32, _I32],
+    "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
+    "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
+}
+
+
+def _fn(name: str):
+    fn = getattr(load_library(), name)
+    fn.restype, fn.argtypes = ctypes.c_int, _SIGNATURES[name]
+    return fn
+
+
+def _activation(kind: str) -> int:
+    if kind not in ACTIVATION_CODES:
+        raise KernelError(f"activation must be one of {', '.join(ACTIVATION_CODES)}, got {kind!r}")
+    return ACTIVATION_CODES[kind]
+
 _TYPESTRS = {"<f4": "fp32", "<f2": "fp16", "<V2": "bf16", "<i4": "int32"}
 
 
@@ -68,9 +93,140 @@ def embedding(input_ids, position_ids, wte, wpe, out, stream: int = 0) -> None:
         raise KernelError(f"wpe: expected [max_positions, {hidden}], got {p.shape}")
     _expect(p, "wpe", (p.shape[0], hidden), (w.dtype,))
     _expect(o, "out", (n, hidden), (w.dtype,))
-    lib = load_library()
-    fn = lib.moetrt_embedding
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_void_p]
-    check(fn(ids.ptr, pos.ptr, w.ptr, p.ptr, o.ptr, n, hidden, vocab, p.shape[0], DTYPE_CODES[w.dtype], stream),
+    check(_fn("moetrt_embedding")(ids.ptr, pos.ptr, w.ptr, p.ptr, o.ptr, n, hidden, vocab, p.shape[0], DTYPE_CODES[w.dtype], stream),
           "embedding")
+
+
+def _float_dtypes() -> tuple[str, ...]:
+    return tuple(DTYPE_CODES)
+
+
+def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0) -> None:
+    """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
+    a = DeviceArray.of(x, "x")
+    if len(a.shape) != 2:
+        raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
+    rows, hidden = a.shape
+    _expect(a, "x", (rows, hidden), _float_dtypes())
+    d = None if delta is None else DeviceArray.of(delta, "delta")
+    s = None if sum_out is None else DeviceArray.of(sum_out, "sum_out")
+    for arr, name in ((d, "delta"), (s, "sum_out")):
+        if arr is not None:
+            _expect(arr, name, (rows, hidden), (a.dtype,))
+    if d is not None and s is None:
+        raise KernelError("sum_out: required when delta is given")
+    g, b, n = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta"), DeviceArray.of(normed, "normed")
+    _expect(g, "gamma", (hidden,), (a.dtype,))
+    _expect(b, "beta", (hidden,), (a.dtype,))
+    _expect(n, "normed", (rows, hidden), (a.dtype,))
+    check(_fn("moetrt_add_layernorm")(a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None, n.ptr,
+                                      rows, hidden, epsilon, DTYPE_CODES[a.dtype], stream), "add_layernorm")
+
+
+def bias_act(x, bias, y, activation: str = "gelu_tanh", stream: int = 0) -> None:
+    """``y = act(x + bias)`` for ``x, y [rows, cols]`` (may be the same array), ``bias [cols]``."""
+    a = DeviceArray.of(x, "x")
+    if len(a.shape) != 2:
+        raise KernelError(f"x: expected [rows, cols], got {a.shape}")
+    _expect(a, "x", a.shape, _float_dtypes())
+    _expect(DeviceArray.of(bias, "bias"), "bias", (a.shape[1],), (a.dtype,))
+    out = DeviceArray.of(y, "y")
+    _expect(out, "y", a.shape, (a.dtype,))
+    check(_fn("moetrt_bias_act")(a.ptr, DeviceArray.of(bias, "bias").ptr, out.ptr, a.shape[0], a.shape[1],
+                                 _activation(activation), DTYPE_CODES[a.dtype], stream), "bias_act")
+
+
+def attention_workspace_size(batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
+    size = ctypes.c_size_t(0)
+    check(_fn("moetrt_attention_workspace_size")(batch, num_heads, head_dim, max_seq, ctypes.byref(size)),
+          "attention_workspace_size")
+    return size.value
+
+
+def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, stream: int = 0) -> None:
+    """Causal attention of T new tokens per sequence; K/V written into ``kv_cache`` in place.
+
+    ``qkv [B, T, 3h]`` (Megatron order), ``kv_cache [2, max_batch, H, max_seq, D]``, ``past_lengths [B]`` int32
+    (each + T must fit in max_seq: the caller checks, the kernel trusts), ``out [B, T, h]``, ``workspace``: a
+    zero-filled uint8 device array of ``attention_workspace_size`` bytes, reused across calls."""
+    q, c = DeviceArray.of(qkv, "qkv"), DeviceArray.of(kv_cache, "kv_cache")
+    if len(q.shape) != 3 or len(c.shape) != 5 or c.shape[0] != 2:
+        raise KernelError(f"attention: expected qkv [B, T, 3h] and kv_cache [2, Bm, H, S, D], got {q.shape}, {c.shape}")
+    B, T, three_h = q.shape
+    _, max_batch, H, max_seq, D = c.shape
+    if H != num_heads or three_h != 3 * H * D:
+        raise KernelError(f"attention: qkv last dim {three_h} and kv_cache heads {H} do not match num_heads "
+                          f"{num_heads} x head_dim {D} x 3")
+    if B > max_batch or T > max_seq:
+        raise KernelError(f"attention: batch {B} / tokens {T} exceed the cache's {max_batch} / {max_seq}")
+    _expect(q, "qkv", q.shape, _float_dtypes())
+    _expect(c, "kv_cache", c.shape, (q.dtype,))
+    _expect(DeviceArray.of(past_lengths, "past_lengths"), "past_lengths", (B,), ("int32",))
+    o = DeviceArray.of(out, "out")
+    _expect(o, "out", (B, T, H * D), (q.dtype,))
+    ws = DeviceArray.of(workspace, "workspace")
+    need = attention_workspace_size(B, H, D, max_seq)
+    nbytes = _nbytes(ws)
+    if nbytes < need:
+        raise KernelError(f"workspace: {nbytes} bytes, attention needs {need}")
+    check(_fn("moetrt_attention")(q.ptr, c.ptr, DeviceArray.of(past_lengths, "past_lengths").ptr, o.ptr, B, T, H, D,
+                                  max_batch, max_seq, DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream), "attention")
+
+
+def moe_capacity(tokens: int, experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    return _fn("moetrt_moe_capacity")(tokens, experts, top_k, capacity_factor, min_capacity)
+
+
+def moe_workspace_size(tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype: str) -> int:
+    size = ctypes.c_size_t(0)
+    check(_fn("moetrt_moe_workspace_size")(tokens, hidden, ffn, experts, top_k, DTYPE_CODES[dtype],
+                                           ctypes.byref(size)), "moe_workspace_size")
+    return size.value
+
+
+def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k: int = 1,
+        activation: str = "gelu_tanh", capacity_factor: float = 0.0, min_capacity: int = 4, residual=None,
+        stream: int = 0) -> None:
+    """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``."""
+    x = DeviceArray.of(hidden, "hidden")
+    if len(x.shape) != 2:
+        raise KernelError(f"hidden: expected [tokens, hidden], got {x.shape}")
+    N, h = x.shape
+    _expect(x, "hidden", (N, h), _float_dtypes())
+    w1 = DeviceArray.of(fc1_weight, "fc1_weight")
+    if len(w1.shape) != 3:
+        raise KernelError(f"fc1_weight: expected [experts, ffn, {h}], got {w1.shape}")
+    E, f, _ = w1.shape
+    arrays = {"gate_weight": ((E, h), ("fp32",)), "fc1_weight": ((E, f, h), (x.dtype,)),
+              "fc1_bias": ((E, f), (x.dtype,)), "fc2_weight": ((E, h, f), (x.dtype,)),
+              "fc2_bias": ((E, h), (x.dtype,)), "out": ((N, h), (x.dtype,))}
+    given = dict(gate_weight=gate_weight, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                 fc2_bias=fc2_bias, out=out)
+    ptrs = {}
+    for name, (shape, dtypes) in arrays.items():
+        arr = DeviceArray.of(given[name], name)
+        _expect(arr, name, shape, dtypes)
+        ptrs[name] = arr.ptr
+    res = None
+    if residual is not None:
+        res = DeviceArray.of(residual, "residual")
+        _expect(res, "residual", (N, h), (x.dtype,))
+    if top_k not in (1, 2) or top_k > E:
+        raise KernelError(f"top_k must be 1 or 2 and <= experts ({E}), got {top_k}")
+    ws = DeviceArray.of(workspace, "workspace")
+    need = moe_workspace_size(N, h, f, E, top_k, x.dtype)
+    nbytes = _nbytes(ws)
+    if nbytes < need:
+        raise KernelError(f"workspace: {nbytes} bytes, moe needs {need}")
+    check(_fn("moetrt_moe")(x.ptr, ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"],
+                            ptrs["fc2_bias"], res.ptr if res else None, ptrs["out"], N, h, f, E, top_k,
+                            _activation(activation), capacity_factor, min_capacity, DTYPE_CODES[x.dtype], ws.ptr,
+                            nbytes, stream), "moe")
+
+
+def _nbytes(arr: DeviceArray) -> int:
+    size = {"fp32": 4, "int32": 4, "fp16": 2, "bf16": 2}.get(arr.dtype, 1)
+    n = size
+    for s in arr.shape:
+        n *= s
+    return n

@@ -27,3 +27,36 @@ MOETRT_API int moetrt_embedding(const int32_t* input_ids, const int32_t* positio
                                 const void* wte, const void* wpe, void* out,
                                 int64_t num_tokens, int64_t hidden, int64_t vocab_size,
                                 int64_t max_positions, int dtype, cudaStream_t stream);
+
+// Activation codes: 0 = tanh-GeLU ("gelu_tanh"), 1 = erf-GeLU ("gelu").
+
+// sum = x + delta (delta may be NULL: sum is x and is not written); normed = LayerNorm(sum) * gamma + beta with
+// fp32 statistics. x, delta, sum, normed [rows, hidden]; gamma, beta [hidden]. hidden % (16 / sizeof(T)) == 0.
+MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void* gamma, const void* beta,
+                                    void* sum_out, void* normed, int64_t rows, int64_t hidden, float epsilon,
+                                    int dtype, cudaStream_t stream);
+
+// y = act(x + bias); x, y [rows, cols] (may alias), bias [cols].
+MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t rows, int64_t cols, int activation,
+                               int dtype, cudaStream_t stream);
+
+// Causal attention of `tokens` new tokens per sequence over the KV cache, written in place (see attention.cu).
+// qkv [batch, tokens, 3 * heads * head_dim] (Megatron order), kv_cache [2, max_batch, heads, max_seq, head_dim],
+// past_lengths [batch] int32, out [batch, tokens, heads * head_dim]. The workspace (size from
+// moetrt_attention_workspace_size) must be zero-filled before its first use; calls leave it zeroed.
+MOETRT_API int moetrt_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq, size_t* bytes);
+MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* past_lengths, void* out, int batch,
+                                int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// MoE layer (see moe.cu). hidden [tokens, h]; gate_weight [experts, h] fp32; fc1_weight [experts, ffn, h];
+// fc1_bias [experts, ffn]; fc2_weight [experts, h, ffn]; fc2_bias [experts, h]; residual [tokens, h] or NULL;
+// out [tokens, h]. capacity_factor <= 0 never drops. moetrt_moe_capacity gives the capacity a call uses (0: none).
+MOETRT_API int moetrt_moe_capacity(int64_t tokens, int experts, int top_k, float capacity_factor, int min_capacity);
+MOETRT_API int moetrt_moe_workspace_size(int64_t tokens, int64_t hidden, int64_t ffn, int experts, int top_k,
+                                         int dtype, size_t* bytes);
+MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const void* fc1_weight, const void* fc1_bias,
+                          const void* fc2_weight, const void* fc2_bias, const void* residual, void* out,
+                          int64_t tokens, int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
+                          float capacity_factor, int min_capacity, int dtype, void* workspace,
+                          size_t workspace_bytes, cudaStream_t stream);

@@ -1,0 +1,270 @@
+// Attention over an in-place KV cache.
+//
+// qkv [B, T, 3h] in Megatron order (per head: q, k, v of head_dim each); kv_cache [2, max_batch, H, max_seq, D];
+// past_lengths [B]: tokens already cached per sequence. New K/V go to slots past_lengths[b] + t; query t sees
+// slots <= past_lengths[b] + t. Scores, softmax and accumulation in fp32. out [B, T, h].
+//
+// T == 1 (decode): split-K over the cache in chunks of kChunk keys, one block per (chunk, head, sequence); the
+// block owning slot past_lengths[b] writes the new K/V; the last block of a (sequence, head) to finish
+// combines the partial softmaxes (a counter per (b, h) in the workspace, left at zero afterwards).
+// T > 1 (prefill): K/V of all new tokens are written first, then one block per (64 queries, head, sequence)
+// walks key tiles of 64 with an online softmax; no T x T matrix exists beyond a tile.
+#include "common.cuh"
+
+using namespace moetrt;
+
+namespace {
+
+constexpr int kChunk = 256;        // keys per decode block
+constexpr int kDecodeThreads = 128;
+constexpr int kMaxHeadDim = 256;
+
+struct Layout {
+  int64_t batch_stride, head_stride, half;  // elements: per cache row, per head, K->V offset
+};
+
+__host__ __device__ inline Layout cache_layout(int max_batch, int heads, int max_seq, int head_dim) {
+  Layout l;
+  l.head_stride = int64_t(max_seq) * head_dim;
+  l.batch_stride = l.head_stride * heads;
+  l.half = l.batch_stride * max_batch;
+  return l;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
+    const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths, T* __restrict__ out,
+    float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int head_dim, int max_batch,
+    int max_seq, int max_splits) {
+  constexpr int N = Vec<T>::N;
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int past = past_lengths[b];
+  const int len = past + 1;
+  const int start = split * kChunk;
+  if (start >= len) return;
+  const int stop = min(start + kChunk, len);
+  const int splits = (len + kChunk - 1) / kChunk;
+  const Layout L = cache_layout(max_batch, heads, max_seq, head_dim);
+  T* kcache = cache + b * L.batch_stride + h * L.head_stride;
+  T* vcache = kcache + L.half;
+  const T* q = qkv + int64_t(b) * 3 * heads * head_dim + int64_t(h) * 3 * head_dim;
+
+  __shared__ float q_s[kMaxHeadDim];
+  __shared__ float score[kChunk];
+  __shared__ float scratch[32];
+  const float scale = rsqrtf(static_cast<float>(head_dim));
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_s[d] = to_float(q[d]) * scale;
+  if (past >= start && past < stop) {  // this block owns the new token's slot
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+      kcache[int64_t(past) * head_dim + d] = q[head_dim + d];
+      vcache[int64_t(past) * head_dim + d] = q[2 * head_dim + d];
+    }
+  }
+  __syncthreads();
+
+  // scores: a group of head_dim/N lanes per key
+  const int group = head_dim / N;                 // lanes per key (<= 32)
+  const int keys_per_pass = kDecodeThreads / group;
+  const int lane_in_group = threadIdx.x % group, key_slot = threadIdx.x / group;
+  for (int j0 = start; j0 < stop; j0 += keys_per_pass) {
+    const int j = j0 + key_slot;
+    float s = 0.f;
+    if (j < stop) {
+      Vec<T> k;
+      k.load(kcache + int64_t(j) * head_dim + lane_in_group * N);
+#pragma unroll
+      for (int i = 0; i < N; ++i) s += q_s[lane_in_group * N + i] * to_float(k.v[i]);
+    }
+    for (int o = group / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, group);
+    if (j < stop && lane_in_group == 0) score[j - start] = s;
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) m = fmaxf(m, score[j]);
+  m = block_max(m, scratch);
+  float l = 0.f;
+  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) {
+    const float p = __expf(score[j] - m);
+    score[j] = p;
+    l += p;
+  }
+  l = block_sum(l, scratch);  // includes a __syncthreads after the score writes
+
+  // acc[d] = sum_j p_j v_j[d]: lanes over d (vectors of N), key groups over j
+  float acc[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = 0.f;
+  for (int j = start + key_slot; j < stop; j += keys_per_pass) {
+    Vec<T> v;
+    v.load(vcache + int64_t(j) * head_dim + lane_in_group * N);
+    const float p = score[j - start];
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += p * to_float(v.v[i]);
+  }
+  // reduce over key groups through shared memory
+  __shared__ float red_s[kDecodeThreads][N + 1];
+#pragma unroll
+  for (int i = 0; i < N; ++i) red_s[threadIdx.x][i] = acc[i];
+  __syncthreads();
+  float* mine = partial + ((int64_t(b) * heads + h) * max_splits + split) * (head_dim + 2);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    const int lane = d / N, i = d % N;
+    float s = 0.f;
+    for (int ks = 0; ks < keys_per_pass; ++ks) s += red_s[ks * group + lane][i];
+    if (splits == 1) {
+      out[(int64_t(b) * heads + h) * head_dim + d] = from_float<T>(s / l);
+    } else {
+      mine[2 + d] = s;
+    }
+  }
+  if (splits == 1) return;
+  if (threadIdx.x == 0) { mine[0] = m; mine[1] = l; }
+
+  // the last of this (b, h)'s blocks combines
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(&counters[b * heads + h], 1);
+    last = (done == splits - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const volatile float* base = partial + (int64_t(b) * heads + h) * max_splits * (head_dim + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (head_dim + 2)]);
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) total += base[s * (head_dim + 2) + 1] * __expf(base[s * (head_dim + 2)] - M);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += base[s * (head_dim + 2) + 2 + d] * __expf(base[s * (head_dim + 2)] - M);
+    out[(int64_t(b) * heads + h) * head_dim + d] = from_float<T>(v / total);
+  }
+  if (threadIdx.x == 0) counters[b * heads + h] = 0;
+}
+
+template <typename T>
+__global__ void kv_write_kernel(const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
+                                int tokens, int heads, int head_dim, int max_batch, int max_seq) {
+  const int t = blockIdx.x, b = blockIdx.y;
+  const Layout L = cache_layout(max_batch, heads, max_seq, head_dim);
+  const int slot = past_lengths[b] + t;
+  const T* row = qkv + (int64_t(b) * tokens + t) * 3 * heads * head_dim;
+  for (int i = threadIdx.x; i < heads * head_dim; i += blockDim.x) {
+    const int h = i / head_dim, d = i % head_dim;
+    const int64_t dst = b * L.batch_stride + h * L.head_stride + int64_t(slot) * head_dim + d;
+    cache[dst] = row[(h * 3 + 1) * head_dim + d];
+    cache[dst + L.half] = row[(h * 3 + 2) * head_dim + d];
+  }
+}
+
+constexpr int kTile = 64;             // queries per block
+constexpr int kPrefillThreads = 128;  // two threads per query, each owning half of head_dim
+
+// KT keys per shared-memory tile: K and V tiles as fp32 stay under 48 KB.
+template <typename T, int D, int KT = (D <= 64 ? 64 : 32)>
+__global__ void __launch_bounds__(kPrefillThreads) attention_prefill_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
+    T* __restrict__ out, int tokens, int heads, int max_batch, int max_seq) {
+  constexpr int HALF = D / 2;
+  const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int past = past_lengths[b];
+  const Layout L = cache_layout(max_batch, heads, max_seq, D);
+  const T* kcache = cache + b * L.batch_stride + h * L.head_stride;
+  const T* vcache = kcache + L.half;
+  __shared__ float k_s[KT][D + 1];
+  __shared__ float v_s[KT][D + 1];
+  const int qi = threadIdx.x / 2, part = threadIdx.x % 2;
+  const int t = qt * kTile + qi;
+  const bool valid = t < tokens;
+  const int my_slot = past + t;
+  float q[HALF], acc[HALF];
+  const float scale = rsqrtf(static_cast<float>(D));
+  const T* qrow = qkv + (int64_t(b) * tokens + min(t, tokens - 1)) * 3 * heads * D + h * 3 * D + part * HALF;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) { q[i] = to_float(qrow[i]) * scale; acc[i] = 0.f; }
+  float m = -INFINITY, l = 0.f;
+  const int last_slot = past + min(tokens, (qt + 1) * kTile) - 1;  // keys this block needs
+  for (int k0 = 0; k0 <= last_slot; k0 += KT) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
+      const int r = i / D, c = i % D;
+      const bool in = k0 + r <= last_slot;
+      k_s[r][c] = in ? to_float(kcache[int64_t(k0 + r) * D + c]) : 0.f;
+      v_s[r][c] = in ? to_float(vcache[int64_t(k0 + r) * D + c]) : 0.f;
+    }
+    __syncthreads();
+    const int kmax = min(KT, my_slot - k0 + 1);  // keys visible to this query in the tile
+    for (int j = 0; j < KT; ++j) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < HALF; ++i) s += q[i] * k_s[j][part * HALF + i];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      if (!valid || j >= kmax) continue;  // both threads of a query take the same branch
+      const float m_new = fmaxf(m, s);
+      const float corr = __expf(m - m_new), p = __expf(s - m_new);
+      l = l * corr + p;
+#pragma unroll
+      for (int i = 0; i < HALF; ++i) acc[i] = acc[i] * corr + p * v_s[j][part * HALF + i];
+      m = m_new;
+    }
+  }
+  if (!valid) return;
+  T* orow = out + (int64_t(b) * tokens + t) * heads * D + h * D + part * HALF;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) orow[i] = from_float<T>(acc[i] / l);
+}
+
+template <typename T>
+int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int batch, int tokens, int heads,
+                     int head_dim, int max_batch, int max_seq, float* partial, int32_t* counters, cudaStream_t stream) {
+  if (tokens == 1) {
+    const int splits = (max_seq + kChunk - 1) / kChunk;
+    const int group = head_dim / Vec<T>::N;  // lanes per key: a power of two within a warp
+    if (head_dim % Vec<T>::N || group > 32 || (group & (group - 1))) return MOETRT_ERR_BAD_SHAPE;
+    attention_decode_kernel<T><<<dim3(splits, heads, batch), kDecodeThreads, 0, stream>>>(
+        qkv, cache, past, out, partial, counters, heads, head_dim, max_batch, max_seq, splits);
+    return launch_status();
+  }
+  kv_write_kernel<T><<<dim3(tokens, batch), 256, 0, stream>>>(qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);
+  const dim3 grid((tokens + kTile - 1) / kTile, heads, batch);
+  switch (head_dim) {
+    case 64: attention_prefill_kernel<T, 64><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 128: attention_prefill_kernel<T, 128><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 16: attention_prefill_kernel<T, 16><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 32: attention_prefill_kernel<T, 32><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    default: return MOETRT_ERR_BAD_SHAPE;
+  }
+  return launch_status();
+}
+
+}  // namespace
+
+MOETRT_API int moetrt_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq, size_t* bytes) {
+  if (batch < 0 || num_heads <= 0 || head_dim <= 0 || max_seq <= 0 || !bytes) return MOETRT_ERR_BAD_SHAPE;
+  const size_t splits = (max_seq + kChunk - 1) / kChunk;
+  const size_t counters = size_t(batch) * num_heads * sizeof(int32_t);
+  *bytes = ((counters + 255) / 256) * 256 + size_t(batch) * num_heads * splits * (head_dim + 2) * sizeof(float);
+  return 0;
+}
+
+MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* past_lengths, void* out, int batch,
+                                int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (batch < 0 || tokens < 0 || batch > max_batch || tokens > max_seq || num_heads <= 0 || head_dim <= 0 ||
+      head_dim > kMaxHeadDim)
+    return MOETRT_ERR_BAD_SHAPE;
+  if (batch == 0 || tokens == 0) return 0;
+  size_t need = 0;
+  moetrt_attention_workspace_size(batch, num_heads, head_dim, max_seq, &need);
+  if (workspace_bytes < need) return MOETRT_ERR_BAD_SHAPE;
+  int32_t* counters = static_cast<int32_t*>(workspace);
+  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                            ((size_t(batch) * num_heads * sizeof(int32_t) + 255) / 256) * 256);
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    return launch_attention<T>(static_cast<const T*>(qkv), static_cast<T*>(kv_cache), past_lengths,
+                               static_cast<T*>(out), batch, tokens, num_heads, head_dim, max_batch, max_seq,
+                               partial, counters, stream);
+  })
+}

@@ -1,0 +1,441 @@
+// Mixture-of-Experts layer: gate + softmax + top-k, routing, expert FFNs, finalize. No host synchronisation.
+//
+// Assignments are numbered a = slot * N + token (all first choices, then all second choices), which is
+// DeepSpeed's order for capacity: an expert keeps its first `capacity` assignments in that order.
+// Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
+//  - few assignments (decode): a persistent GEMV over (active expert, 4-row chunk) work items that reads
+//    each hit expert's weights once with 16-byte loads and applies them to up to 8 of its tokens at a time;
+//  - many (prefill, fp16/bf16): a tensor-core (WMMA) grouped GEMM over (expert, 128-row tile, 128-col tile).
+#include <mma.h>
+
+#include "common.cuh"
+
+using namespace moetrt;
+
+namespace {
+
+constexpr int kGemvRows = 4;       // output rows per GEMV work item
+constexpr int kGemvTok = 8;        // tokens per GEMV pass
+constexpr int kGemvThreads = 128;
+constexpr int kRouteThreads = 1024;
+constexpr int kMaxExperts = 256;
+constexpr int kBM = 128, kBN = 128, kBK = 32, kGemmThreads = 256;
+constexpr int kGemvMaxAssignments = 128;  // above this many assignments, fp16/bf16 use the grouped GEMM
+
+struct Workspace {
+  int32_t *expert_of, *loc, *pos_of, *perm, *counts, *offsets, *active, *tile_start;
+  float *prob, *y;
+  void* act;  // [A, ffn] of T: the experts' hidden activations, in permuted order
+};
+
+inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+// Carves the workspace; with base == nullptr only returns the size.
+size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden, int64_t ffn, size_t elem, Workspace* w) {
+  const size_t A = size_t(tokens) * top_k;
+  size_t off = 0;
+  auto take = [&](size_t bytes) { char* p = base ? base + off : nullptr; off += align256(bytes); return p; };
+  Workspace ws;
+  ws.expert_of = reinterpret_cast<int32_t*>(take(A * 4));
+  ws.prob = reinterpret_cast<float*>(take(A * 4));
+  ws.loc = reinterpret_cast<int32_t*>(take(A * 4));
+  ws.pos_of = reinterpret_cast<int32_t*>(take(A * 4));
+  ws.perm = reinterpret_cast<int32_t*>(take(A * 4));
+  ws.counts = reinterpret_cast<int32_t*>(take(size_t(experts) * 4));
+  ws.offsets = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
+  ws.active = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
+  ws.tile_start = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
+  ws.y = reinterpret_cast<float*>(take(A * size_t(hidden) * 4));
+  ws.act = take(A * size_t(ffn) * elem);
+  if (w) *w = ws;
+  return off;
+}
+
+// ---- gate: logits = x · Wgᵀ in fp32, softmax, top-k (ties: lowest expert index) ----------------------
+template <typename T>
+__global__ void gate_topk_kernel(const T* __restrict__ x, const float* __restrict__ wg, int32_t* __restrict__ expert_of,
+                                 float* __restrict__ prob, int tokens, int hidden, int experts, int top_k) {
+  extern __shared__ float smem[];
+  float* xs = smem;
+  float* logits = smem + hidden;
+  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = to_float(x[int64_t(t) * hidden + i]);
+  __syncthreads();
+  for (int e = warp; e < experts; e += warps) {
+    const float* row = wg + int64_t(e) * hidden;
+    float s = 0.f;
+    for (int i = lane * 4; i < hidden; i += 128) {
+      const float4 w = *reinterpret_cast<const float4*>(row + i);
+      s += w.x * xs[i] + w.y * xs[i + 1] + w.z * xs[i + 2] + w.w * xs[i + 3];
+    }
+    s = warp_sum(s);
+    if (lane == 0) logits[e] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = -INFINITY;
+    for (int e = 0; e < experts; ++e) m = fmaxf(m, logits[e]);
+    float sum = 0.f;
+    for (int e = 0; e < experts; ++e) sum += expf(logits[e] - m);
+    int first = -1;
+    for (int k = 0; k < top_k; ++k) {
+      int best = -1;
+      for (int e = 0; e < experts; ++e)
+        if (e != first && (best < 0 || logits[e] > logits[best])) best = e;
+      expert_of[k * tokens + t] = best;
+      prob[k * tokens + t] = expf(logits[best] - m) / sum;
+      first = best;
+    }
+  }
+}
+
+// ---- routing: stable per-expert locations, capacity, offsets, permutation; one block ----------------------
+__global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int assignments, int experts, int capacity,
+                                                               int tile_rows) {
+  extern __shared__ int32_t rsm[];
+  int32_t* wcount = rsm;                    // [32][experts]
+  int32_t* base = rsm + 32 * experts;       // [experts]
+  int32_t* total = base + experts;          // [experts]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
+  for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
+    for (int i = threadIdx.x; i < 32 * experts; i += blockDim.x) wcount[i] = 0;
+    __syncthreads();
+    const int a = a0 + threadIdx.x;
+    const int e = a < assignments ? w.expert_of[a] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    if (e >= 0 && rank == 0) wcount[warp * experts + e] = __popc(peers);
+    __syncthreads();
+    for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+      int run = base[x];
+      for (int v = 0; v < 32; ++v) { const int c = wcount[v * experts + x]; wcount[v * experts + x] = run; run += c; }
+      total[x] = run;
+    }
+    __syncthreads();
+    if (e >= 0) w.loc[a] = wcount[warp * experts + e] + rank;
+    __syncthreads();
+    for (int x = threadIdx.x; x < experts; x += blockDim.x) base[x] = total[x];
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) w.counts[e] = capacity > 0 ? min(base[e], capacity) : base[e];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int off = 0, n_active = 0, tiles = 0;
+    w.tile_start[0] = 0;
+    for (int e = 0; e < experts; ++e) {
+      w.offsets[e] = off;
+      const int c = w.counts[e];
+      off += c;
+      if (c > 0) {
+        w.active[1 + n_active] = e;
+        tiles += (c + tile_rows - 1) / tile_rows;
+        w.tile_start[++n_active] = tiles;
+      }
+    }
+    w.offsets[experts] = off;
+    w.active[0] = n_active;
+  }
+  __syncthreads();
+  for (int a = threadIdx.x; a < assignments; a += blockDim.x) {
+    const int e = w.expert_of[a], l = w.loc[a];
+    if (l < w.counts[e]) {
+      const int p = w.offsets[e] + l;
+      w.perm[p] = a;
+      w.pos_of[a] = p;
+    } else {
+      w.pos_of[a] = -1;
+    }
+  }
+}
+
+// ---- few tokens per expert: persistent GEMV -------------------------------------------------------------
+// FC1: act[p, r] = act(W1[e][r] · x[token(p)] + b1[e][r]);  FC2: y[p, r] = W2[e][r] · act[p] + b2[e][r]
+template <typename T, bool FC1>
+__global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
+    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
+    int tokens, int rows, int K, int act_kind) {
+  constexpr int VN = Vec<T>::N;
+  __shared__ float red[kGemvThreads / 32][kGemvRows * kGemvTok];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = (rows + kGemvRows - 1) / kGemvRows;
+  const int total = w.active[0] * chunks;
+  const int KV = K / VN;
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    const int e = w.active[1 + item / chunks];
+    const int row0 = (item % chunks) * kGemvRows;
+    const int count = w.counts[e], off = w.offsets[e];
+    const T* W = weight + (int64_t(e) * rows + row0) * K;
+    for (int t0 = 0; t0 < count; t0 += kGemvTok) {
+      const int nt = min(kGemvTok, count - t0);
+      const T* src[kGemvTok];
+#pragma unroll
+      for (int j = 0; j < kGemvTok; ++j) {
+        const int p = off + t0 + min(j, nt - 1);
+        src[j] = FC1 ? input + int64_t(w.perm[p] % tokens) * K : input + int64_t(p) * K;
+      }
+      float acc[kGemvRows][kGemvTok];
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int j = 0; j < kGemvTok; ++j) acc[r][j] = 0.f;
+      for (int v = threadIdx.x; v < KV; v += kGemvThreads) {
+        Vec<T> wv[kGemvRows];
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r)
+          if (row0 + r < rows) wv[r].load_global_nc(W + int64_t(r) * K + v * VN);
+#pragma unroll
+        for (int j = 0; j < kGemvTok; ++j) {
+          if (j < nt) {
+            Vec<T> xv;
+            xv.load(src[j] + v * VN);
+#pragma unroll
+            for (int r = 0; r < kGemvRows; ++r) {
+              if (row0 + r < rows) {
+#pragma unroll
+                for (int i = 0; i < VN; ++i) acc[r][j] += to_float(wv[r].v[i]) * to_float(xv.v[i]);
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int j = 0; j < kGemvTok; ++j) {
+          const float s = warp_sum(acc[r][j]);
+          if (lane == 0) red[warp][r * kGemvTok + j] = s;
+        }
+      __syncthreads();
+      if (threadIdx.x < kGemvRows * kGemvTok) {
+        const int r = threadIdx.x / kGemvTok, j = threadIdx.x % kGemvTok;
+        if (j < nt && row0 + r < rows) {
+          float s = 0.f;
+#pragma unroll
+          for (int x = 0; x < kGemvThreads / 32; ++x) s += red[x][threadIdx.x];
+          s += to_float(bias[int64_t(e) * rows + row0 + r]);
+          const int p = off + t0 + j;
+          if (FC1) static_cast<T*>(w.act)[int64_t(p) * rows + row0 + r] = from_float<T>(activate(s, act_kind));
+          else w.y[int64_t(p) * rows + row0 + r] = s;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---- many tokens per expert: grouped GEMM on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate) ------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T, bool FC1>
+__global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
+    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
+    int tokens, int rows, int K, int act_kind) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 fragments exist on sm_80+ only (and not in the host pass)
+  using namespace nvcuda;
+  constexpr int LD = kBK + 8;  // padded rows: 80 bytes, keeps 16-byte alignment and spreads banks
+  // operand tiles, double-buffered; the epilogue's per-warp 16x16 staging reuses their space
+  __shared__ __align__(128) unsigned char smem[2 * (kBM + kBN) * LD * sizeof(T)];
+  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= sizeof(smem), "epilogue staging must fit");
+  auto As = reinterpret_cast<T(*)[kBM][LD]>(smem);
+  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + 2 * kBM * LD * sizeof(T));
+  auto Cs = reinterpret_cast<float(*)[16][20]>(smem);
+  __shared__ int32_t src_row[kBM];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, each 64 x 32
+  const int n_tiles = (rows + kBN - 1) / kBN;
+  const int n_active = w.active[0];
+  const int total = w.tile_start[n_active] * n_tiles;
+  const int k_tiles = (K + kBK - 1) / kBK;
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    const int mt_all = item / n_tiles, nt = item % n_tiles;
+    int i = 0;
+    while (w.tile_start[i + 1] <= mt_all) ++i;
+    const int e = w.active[1 + i];
+    const int m0 = (mt_all - w.tile_start[i]) * kBM, n0 = nt * kBN;
+    const int count = w.counts[e], off = w.offsets[e];
+    __syncthreads();  // src_row and the staging tiles of the previous item are no longer read
+    for (int r = threadIdx.x; r < kBM; r += blockDim.x) {
+      const int p = off + m0 + r;
+      src_row[r] = m0 + r < count ? (FC1 ? w.perm[p] % tokens : p) : -1;
+    }
+    __syncthreads();
+    const T* W = weight + int64_t(e) * rows * K;
+    auto load = [&](int stage, int k0) {
+      for (int c = threadIdx.x; c < kBM * kBK / 8; c += blockDim.x) {
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const int sr = src_row[r];
+        const bool ok = sr >= 0 && k0 + kc < K;
+        cp_async16(&As[stage][r][kc], ok ? input + int64_t(sr) * K + k0 + kc : input, ok);
+      }
+      for (int c = threadIdx.x; c < kBN * kBK / 8; c += blockDim.x) {
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const bool ok = n0 + r < rows && k0 + kc < K;
+        cp_async16(&Bs[stage][r][kc], ok ? W + int64_t(n0 + r) * K + k0 + kc : W, ok);
+      }
+      cp_async_commit();
+    };
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.f);
+    load(0, 0);
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int stage = kt & 1;
+      if (kt + 1 < k_tiles) {
+        load(stage ^ 1, (kt + 1) * kBK);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[4];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[2];
+#pragma unroll
+        for (int a = 0; a < 4; ++a) wmma::load_matrix_sync(af[a], &As[stage][wm * 64 + a * 16][kk], LD);
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(bf[b], &Bs[stage][wn * 32 + b * 16][kk], LD);
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
+      }
+      __syncthreads();
+    }
+    // epilogue, one 16x16 fragment at a time through this warp's staging tile
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        wmma::store_matrix_sync(&Cs[warp][0][0], acc[a][b], 20, wmma::mem_row_major);
+        __syncwarp();
+        for (int x = lane; x < 256; x += 32) {
+          const int r = m0 + wm * 64 + a * 16 + x / 16, c = n0 + wn * 32 + b * 16 + x % 16;
+          if (r < count && c < rows) {
+            const float s = Cs[warp][x / 16][x % 16] + to_float(bias[int64_t(e) * rows + c]);
+            const int64_t p = off + r;
+            if (FC1) static_cast<T*>(w.act)[p * rows + c] = from_float<T>(activate(s, act_kind));
+            else w.y[p * rows + c] = s;
+          }
+        }
+        __syncwarp();
+      }
+  }
+#endif
+}
+
+// ---- finalize: out[t] = residual[t] + sum_k w_k y[pos(t, k)], dropped assignments weigh 0 ---------------
+template <typename T>
+__global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* __restrict__ out, int tokens,
+                                int hidden, int top_k) {
+  const int t = blockIdx.x;
+  float wt[2] = {0.f, 0.f};
+  int pos[2] = {-1, -1};
+  float sum = 0.f;
+  for (int k = 0; k < top_k; ++k) {
+    pos[k] = w.pos_of[k * tokens + t];
+    wt[k] = pos[k] >= 0 ? w.prob[k * tokens + t] : 0.f;
+    sum += wt[k];
+  }
+  if (top_k > 1) {
+    const float denom = fmaxf(sum, 1.1920928955078125e-07f);  // float32 eps, as DeepSpeed clamps
+    for (int k = 0; k < top_k; ++k) wt[k] /= denom;
+  }
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < top_k; ++k)
+      if (pos[k] >= 0) s += wt[k] * w.y[int64_t(pos[k]) * hidden + i];
+    if (residual) s += to_float(residual[int64_t(t) * hidden + i]);
+    out[int64_t(t) * hidden + i] = from_float<T>(s);
+  }
+}
+
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 132;
+  if (!cached[dev]) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    cached[dev] = n > 0 ? n : 132;
+  }
+  return cached[dev];
+}
+
+template <typename T>
+int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
+               const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
+               int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
+  const int A = tokens * top_k;
+  gate_topk_kernel<T><<<tokens, 128, (h + experts) * sizeof(float), stream>>>(hidden, gate_weight, w.expert_of,
+                                                                              w.prob, tokens, h, experts, top_k);
+  const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
+  route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, A, experts, capacity,
+                                                                             gemm ? kBM : 1);
+  if (gemm) {
+    if constexpr (sizeof(T) == 2) {
+      const int grid = sm_count() * 2;
+      expert_gemm_kernel<T, true><<<grid, kGemmThreads, 0, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
+      expert_gemm_kernel<T, false><<<grid, kGemmThreads, 0, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
+                                                                      tokens, h, f, act_kind);
+    }
+  } else {
+    const int grid = sm_count() * 8;
+    expert_gemv_kernel<T, true><<<grid, kGemvThreads, 0, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
+    expert_gemv_kernel<T, false><<<grid, kGemvThreads, 0, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
+                                                                    tokens, h, f, act_kind);
+  }
+  finalize_kernel<T><<<tokens, 128, 0, stream>>>(w, residual, out, tokens, h, top_k);
+  return launch_status();
+}
+
+}  // namespace
+
+MOETRT_API int moetrt_moe_capacity(int64_t tokens, int experts, int top_k, float capacity_factor, int min_capacity) {
+  if (capacity_factor <= 0.f) return 0;
+  const float product = static_cast<float>(double(tokens) / experts) * (float(top_k) * capacity_factor);
+  const int cap = static_cast<int>(ceilf(product));
+  return cap > min_capacity ? cap : min_capacity;
+}
+
+MOETRT_API int moetrt_moe_workspace_size(int64_t tokens, int64_t hidden, int64_t ffn, int experts, int top_k, int dtype,
+                                         size_t* bytes) {
+  if (tokens < 0 || hidden <= 0 || ffn <= 0 || experts <= 0 || !bytes) return MOETRT_ERR_BAD_SHAPE;
+  const size_t elem = dtype == MOETRT_FP32 ? 4 : 2;
+  *bytes = carve(nullptr, tokens, experts, top_k, hidden, ffn, elem, nullptr);
+  return 0;
+}
+
+MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const void* fc1_weight, const void* fc1_bias,
+                          const void* fc2_weight, const void* fc2_bias, const void* residual, void* out, int64_t tokens,
+                          int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
+                          float capacity_factor, int min_capacity, int dtype, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream) {
+  if (tokens < 0 || tokens * 2 > 0x7fffffff || hidden_size <= 0 || ffn <= 0 || experts <= 0 ||
+      experts > kMaxExperts || (top_k != 1 && top_k != 2) || top_k > experts || (activation != 0 && activation != 1) ||
+      hidden_size % 8 || ffn % 8 || hidden_size * 4 + experts * 4 > 48 * 1024)
+    return MOETRT_ERR_BAD_SHAPE;
+  if (tokens == 0) return 0;
+  size_t need = 0;
+  moetrt_moe_workspace_size(tokens, hidden_size, ffn, experts, top_k, dtype, &need);
+  if (workspace_bytes < need) return MOETRT_ERR_BAD_SHAPE;
+  Workspace w;
+  carve(static_cast<char*>(workspace), tokens, experts, top_k, hidden_size, ffn, dtype == MOETRT_FP32 ? 4 : 2, &w);
+  const int capacity = moetrt_moe_capacity(tokens, experts, top_k, capacity_factor, min_capacity);
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    return launch_moe<T>(static_cast<const T*>(hidden), gate_weight, static_cast<const T*>(fc1_weight),
+                         static_cast<const T*>(fc1_bias), static_cast<const T*>(fc2_weight),
+                         static_cast<const T*>(fc2_bias), static_cast<const T*>(residual), static_cast<T*>(out),
+                         static_cast<int>(tokens), static_cast<int>(hidden_size), static_cast<int>(ffn), experts,
+                         top_k, activation, capacity, w, stream);
+  })
+}

@@ -1,0 +1,200 @@
+"""GPU kernels against the float64 numpy references of ``moetrt.plugins.specs``.
+
+Error measure: ||out - ref|| / ||ref|| over the whole output (METHOD.md). Bounds: fp32 1e-5 (fp32 accumulation
+over <= 4096 terms); fp16 2e-3 and bf16 1.6e-2: the inputs are exactly representable, so the error is the
+rounding of intermediates and of the output, about eps/sqrt(3) per rounding (fp16 eps 9.8e-4, bf16 7.8e-3),
+at most two roundings on any path (an expert's hidden activation, then the output). Outputs are poisoned with
+NaN before every launch, so an unwritten element fails.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from moetrt.plugins import launch
+from moetrt.plugins.specs import (
+    add_layernorm_reference, attention_reference, bias_act_reference, moe_reference, moe_route_reference)
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BOUND = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
+
+
+def rel_err(out: torch.Tensor, ref) -> float:
+    out = out.double().cpu().numpy()
+    assert not np.isnan(out).any(), "unwritten (NaN-poisoned) elements remain"
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def cpu(t):
+    return t.double().cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows, hidden", [(1, 1024), (37, 64), (5, 4096)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_layernorm(dtype, rows, hidden, with_delta):
+    dt = DTYPES[dtype]
+    x = torch.randn(rows, hidden, device="cuda").to(dt)
+    delta = torch.randn(rows, hidden, device="cuda").to(dt) if with_delta else None
+    gamma, beta = (torch.randn(hidden, device="cuda").to(dt) for _ in range(2))
+    total = poisoned((rows, hidden), dt) if with_delta else None
+    normed = poisoned((rows, hidden), dt)
+    launch.add_layernorm(x, delta, gamma, beta, total, normed, 1e-5)
+    torch.cuda.synchronize()
+    ref_total, ref_normed = add_layernorm_reference(cpu(x), None if delta is None else cpu(delta), cpu(gamma),
+                                                    cpu(beta), 1e-5)
+    if with_delta:
+        assert rel_err(total, ref_total) < BOUND[dtype]
+        # LayerNorm reads the sum as stored (rounded to dtype), like the residual stream it models
+        ref_normed = add_layernorm_reference(cpu(total), None, cpu(gamma), cpu(beta), 1e-5)[1]
+    assert rel_err(normed, ref_normed) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_bias_act(dtype, activation):
+    dt = DTYPES[dtype]
+    x = torch.randn(33, 4096, device="cuda").to(dt)
+    bias = torch.randn(4096, device="cuda").to(dt)
+    y = poisoned(x.shape, dt)
+    launch.bias_act(x, bias, y, activation)
+    torch.cuda.synchronize()
+    assert rel_err(y, bias_act_reference(cpu(x), cpu(bias), activation)) < BOUND[dtype]
+
+
+# -- attention ---------------------------------------------------------------------------------------
+
+def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq):
+    dt = DTYPES[dtype]
+    B = len(past)
+    qkv = torch.randn(B, tokens, 3 * heads * head_dim, device="cuda").to(dt)
+    cache = torch.randn(2, max_batch, heads, max_seq, head_dim, device="cuda").to(dt)  # garbage beyond past
+    before = cpu(cache)
+    past_t = torch.tensor(past, dtype=torch.int32, device="cuda")
+    out = poisoned((B, tokens, heads * head_dim), dt)
+    ws = torch.zeros(launch.attention_workspace_size(B, heads, head_dim, max_seq), dtype=torch.uint8, device="cuda")
+    launch.attention(qkv, cache, past_t, out, heads, ws)
+    torch.cuda.synchronize()
+    ref_out, ref_cache = attention_reference(cpu(qkv), before, np.array(past), heads)
+    assert rel_err(out, ref_out) < BOUND[dtype]
+    np.testing.assert_array_equal(cpu(cache), ref_cache.astype(np.float64))  # only the new slots changed
+    assert not ws.any(), "decode counters must be left at zero"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("past", [[0], [2047], [5, 300, 0, 1023], list(range(0, 2048, 66))])
+def test_attention_decode(dtype, past):
+    run_attention(dtype, past, 1, heads=16, head_dim=64, max_batch=max(len(past), 4), max_seq=2048)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_decode_head_dims_and_repeat(dtype, head_dim):
+    for _ in range(3):  # the workspace counters must reset themselves between calls
+        run_attention(dtype, [17, 600], 1, heads=4, head_dim=head_dim, max_batch=2, max_seq=1024)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("past, tokens", [([0], 1 + 64), ([0, 0], 77), ([3, 130], 64), ([0], 512)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_prefill(dtype, past, tokens, head_dim):
+    run_attention(dtype, past, tokens, heads=4, head_dim=head_dim, max_batch=3, max_seq=1024)
+
+
+# -- MoE ---------------------------------------------------------------------------------------------
+
+def moe_weights(E, h, f, dt, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    wg = torch.randn(E, h, device="cuda", generator=g) / h ** 0.5
+    w1 = (torch.randn(E, f, h, device="cuda", generator=g) / h ** 0.5).to(dt)
+    b1 = (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt)
+    w2 = (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt)
+    b2 = (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)
+    return wg, w1, b1, w2, b2
+
+
+def separated_hidden(N, h, wg, top_k, dt, margin=1e-3, shift=0.0):
+    """Random tokens whose gate ranking is not within rounding of a tie (fp32 vs float64 gate)."""
+    x = (torch.randn(N, h, device="cuda") + shift).to(dt)
+    for _ in range(50):
+        logits = cpu(x) @ cpu(wg).T
+        srt = -np.sort(-logits, axis=-1)
+        bad = np.nonzero((srt[:, :top_k] - srt[:, 1:top_k + 1]).min(-1) < margin)[0]
+        if len(bad) == 0:
+            return x
+        x[torch.as_tensor(bad, device="cuda")] = (torch.randn(len(bad), h, device="cuda") + shift).to(dt)
+    raise AssertionError("could not draw well-separated tokens")
+
+
+def run_moe(dtype, N, E=64, h=1024, f=4096, top_k=1, capacity=0.0, min_capacity=4, activation="gelu_tanh",
+            seed=0, residual=False, weights=None, hidden=None):
+    dt = DTYPES[dtype]
+    wg, w1, b1, w2, b2 = weights or moe_weights(E, h, f, dt, seed)
+    x = hidden if hidden is not None else separated_hidden(N, h, wg, top_k, dt)
+    res = torch.randn(N, h, device="cuda").to(dt) if residual else None
+    out = poisoned((N, h), dt)
+    ws = torch.empty(launch.moe_workspace_size(N, h, f, E, top_k, dtype), dtype=torch.uint8, device="cuda")
+    ws.fill_(0xFF)  # no reliance on a zeroed workspace
+    launch.moe(x, wg, w1, b1, w2, b2, out, ws, top_k, activation, capacity, min_capacity, residual=res)
+    torch.cuda.synchronize()
+    ref = moe_reference(cpu(x), cpu(wg), cpu(w1), cpu(b1), cpu(w2), cpu(b2), top_k, activation, capacity,
+                        min_capacity)
+    if residual:
+        ref = ref + cpu(res)
+    err = rel_err(out, ref)
+    assert err < BOUND[dtype], err
+    return x, out
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("N", [1, 8, 32])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_decode_350m_shape(dtype, N, top_k):
+    run_moe(dtype, N, top_k=top_k, seed=N)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("N, top_k", [(129, 1), (300, 2), (1024, 1)])
+def test_moe_prefill_grouped_gemm(dtype, N, top_k):
+    run_moe(dtype, N, top_k=top_k, seed=N, residual=True)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_moe_small_odd_shapes_and_erf_gelu(dtype):
+    run_moe(dtype, 13, E=8, h=64, f=256, top_k=2, activation="gelu", seed=3)
+    if dtype != "fp32":
+        run_moe(dtype, 200, E=8, h=64, f=256, top_k=1, seed=4)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("N", [16, 400])
+def test_moe_every_token_on_one_expert(dtype, N):
+    E, h, f = 16, 256, 512
+    dt = DTYPES[dtype]
+    wg, w1, b1, w2, b2 = moe_weights(E, h, f, dt, 5)
+    wg[3] = 0.05  # with positive-mean tokens, expert 3's logit dominates every token
+    x = separated_hidden(N, h, wg, 1, dt, shift=1.0)
+    assert (cpu(x) @ cpu(wg).T).argmax(-1).tolist() == [3] * N
+    run_moe(dtype, N, E, h, f, weights=(wg, w1, b1, w2, b2), hidden=x)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("N, top_k, factor", [(64, 1, 1.0), (64, 2, 0.5), (512, 1, 1.25), (512, 2, 1.0)])
+def test_moe_capacity_dropping(dtype, N, top_k, factor):
+    E, h, f = 8, 128, 256
+    dt = DTYPES[dtype]
+    weights = moe_weights(E, h, f, dt, 7)
+    x = separated_hidden(N, h, weights[0], top_k, dt)
+    logits = cpu(x) @ cpu(weights[0]).T
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    _, w = moe_route_reference(p / p.sum(-1, keepdims=True), top_k, factor, 1)
+    assert (w == 0).any(), "the case must actually drop assignments"
+    assert launch.moe_capacity(N, E, top_k, factor, 1) >= 1
+    run_moe(dtype, N, E, h, f, top_k, factor, 1, weights=weights, hidden=x)
