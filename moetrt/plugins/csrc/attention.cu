@@ -15,9 +15,9 @@ using namespace moetrt;
 
 namespace {
 
-constexpr int kChunk = 256;        // keys per decode block
+constexpr int kChunk = 128;        // keys per decode block
 constexpr int kDecodeThreads = 128;
-constexpr int kMaxHeadDim = 256;
+constexpr int kMaxHeadDim = 128;
 
 struct Layout {
   int64_t batch_stride, head_stride, half;  // elements: per cache row, per head, K->V offset
@@ -31,12 +31,16 @@ __host__ __device__ inline Layout cache_layout(int max_batch, int heads, int max
   return l;
 }
 
-template <typename T>
+// A group of D/N lanes holds one key (N elements of 16 bytes each lane); KPP keys per pass over the block;
+// up to 8 passes' loads are issued before any is used.
+template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths, T* __restrict__ out,
-    float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int head_dim, int max_batch,
-    int max_seq, int max_splits) {
-  constexpr int N = Vec<T>::N;
+    float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int max_batch, int max_seq,
+    int max_splits) {
+  constexpr int N = Vec<T>::N, GROUP = D / N, KPP = kDecodeThreads / GROUP, PASSES = kChunk / KPP;
+  constexpr int U = PASSES < 8 ? PASSES : 8;
+  static_assert(GROUP <= 32 && (GROUP & (GROUP - 1)) == 0 && PASSES >= 1, "unsupported head_dim");
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int past = past_lengths[b];
   const int len = past + 1;
@@ -44,39 +48,49 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   if (start >= len) return;
   const int stop = min(start + kChunk, len);
   const int splits = (len + kChunk - 1) / kChunk;
-  const Layout L = cache_layout(max_batch, heads, max_seq, head_dim);
+  const Layout L = cache_layout(max_batch, heads, max_seq, D);
   T* kcache = cache + b * L.batch_stride + h * L.head_stride;
   T* vcache = kcache + L.half;
-  const T* q = qkv + int64_t(b) * 3 * heads * head_dim + int64_t(h) * 3 * head_dim;
-
-  __shared__ float q_s[kMaxHeadDim];
+  const T* q = qkv + int64_t(b) * 3 * heads * D + int64_t(h) * 3 * D;
   __shared__ float score[kChunk];
+  __shared__ float red_s[kDecodeThreads][N + 1];
   __shared__ float scratch[32];
-  const float scale = rsqrtf(static_cast<float>(head_dim));
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_s[d] = to_float(q[d]) * scale;
-  if (past >= start && past < stop) {  // this block owns the new token's slot
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-      kcache[int64_t(past) * head_dim + d] = q[head_dim + d];
-      vcache[int64_t(past) * head_dim + d] = q[2 * head_dim + d];
+  if (past >= start) {  // this block owns the new token's slot
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      kcache[int64_t(past) * D + d] = q[D + d];
+      vcache[int64_t(past) * D + d] = q[2 * D + d];
     }
   }
-  __syncthreads();
-
-  // scores: a group of head_dim/N lanes per key
-  const int group = head_dim / N;                 // lanes per key (<= 32)
-  const int keys_per_pass = kDecodeThreads / group;
-  const int lane_in_group = threadIdx.x % group, key_slot = threadIdx.x / group;
-  for (int j0 = start; j0 < stop; j0 += keys_per_pass) {
-    const int j = j0 + key_slot;
-    float s = 0.f;
-    if (j < stop) {
-      Vec<T> k;
-      k.load(kcache + int64_t(j) * head_dim + lane_in_group * N);
+  const int lane_in_group = threadIdx.x % GROUP, key_slot = threadIdx.x / GROUP;
+  float qv[N];
+  {
+    Vec<T> qq;
+    qq.load(q + lane_in_group * N);
+    const float scale = rsqrtf(static_cast<float>(D));
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += q_s[lane_in_group * N + i] * to_float(k.v[i]);
+    for (int i = 0; i < N; ++i) qv[i] = to_float(qq.v[i]) * scale;
+  }
+  __syncthreads();  // the new K/V are in the cache
+
+  for (int p0 = 0; p0 < PASSES; p0 += U) {
+    Vec<T> kv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      if (j < stop) kv[u].load(kcache + int64_t(j) * D + lane_in_group * N);
     }
-    for (int o = group / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, group);
-    if (j < stop && lane_in_group == 0) score[j - start] = s;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      float s = 0.f;
+      if (j < stop) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) s += qv[i] * to_float(kv[u].v[i]);
+      }
+#pragma unroll
+      for (int o = GROUP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, GROUP);
+      if (j < stop && lane_in_group == 0) score[j - start] = s;
+    }
   }
   __syncthreads();
   float m = -INFINITY;
@@ -88,58 +102,59 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     score[j] = p;
     l += p;
   }
-  l = block_sum(l, scratch);  // includes a __syncthreads after the score writes
+  l = block_sum(l, scratch);  // its barriers also publish the score writes
 
-  // acc[d] = sum_j p_j v_j[d]: lanes over d (vectors of N), key groups over j
   float acc[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) acc[i] = 0.f;
-  for (int j = start + key_slot; j < stop; j += keys_per_pass) {
-    Vec<T> v;
-    v.load(vcache + int64_t(j) * head_dim + lane_in_group * N);
-    const float p = score[j - start];
+  for (int p0 = 0; p0 < PASSES; p0 += U) {
+    Vec<T> vv[U];
 #pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] += p * to_float(v.v[i]);
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      if (j < stop) vv[u].load(vcache + int64_t(j) * D + lane_in_group * N);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      if (j < stop) {
+        const float p = score[j - start];
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += p * to_float(vv[u].v[i]);
+      }
+    }
   }
-  // reduce over key groups through shared memory
-  __shared__ float red_s[kDecodeThreads][N + 1];
 #pragma unroll
   for (int i = 0; i < N; ++i) red_s[threadIdx.x][i] = acc[i];
   __syncthreads();
-  float* mine = partial + ((int64_t(b) * heads + h) * max_splits + split) * (head_dim + 2);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+  float* mine = partial + ((int64_t(b) * heads + h) * max_splits + split) * (D + 2);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const int lane = d / N, i = d % N;
     float s = 0.f;
-    for (int ks = 0; ks < keys_per_pass; ++ks) s += red_s[ks * group + lane][i];
-    if (splits == 1) {
-      out[(int64_t(b) * heads + h) * head_dim + d] = from_float<T>(s / l);
-    } else {
-      mine[2 + d] = s;
-    }
+    for (int ks = 0; ks < KPP; ++ks) s += red_s[ks * GROUP + lane][i];
+    if (splits == 1) out[(int64_t(b) * heads + h) * D + d] = from_float<T>(s / l);
+    else mine[2 + d] = s;
   }
   if (splits == 1) return;
   if (threadIdx.x == 0) { mine[0] = m; mine[1] = l; }
 
-  // the last of this (b, h)'s blocks combines
+  // the last of this (b, h)'s blocks to finish combines the partial softmaxes
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const int done = atomicAdd(&counters[b * heads + h], 1);
-    last = (done == splits - 1);
-  }
+  if (threadIdx.x == 0) last = atomicAdd(&counters[b * heads + h], 1) == splits - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const volatile float* base = partial + (int64_t(b) * heads + h) * max_splits * (head_dim + 2);
+  const volatile float* base = partial + (int64_t(b) * heads + h) * max_splits * (D + 2);
   float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (head_dim + 2)]);
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (D + 2)]);
   float total = 0.f;
-  for (int s = 0; s < splits; ++s) total += base[s * (head_dim + 2) + 1] * __expf(base[s * (head_dim + 2)] - M);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+  for (int s = 0; s < splits; ++s) total += base[s * (D + 2) + 1] * __expf(base[s * (D + 2)] - M);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += base[s * (head_dim + 2) + 2 + d] * __expf(base[s * (head_dim + 2)] - M);
-    out[(int64_t(b) * heads + h) * head_dim + d] = from_float<T>(v / total);
+    for (int s = 0; s < splits; ++s) v += base[s * (D + 2) + 2 + d] * __expf(base[s * (D + 2)] - M);
+    out[(int64_t(b) * heads + h) * D + d] = from_float<T>(v / total);
   }
   if (threadIdx.x == 0) counters[b * heads + h] = 0;
 }
@@ -220,11 +235,19 @@ template <typename T>
 int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int batch, int tokens, int heads,
                      int head_dim, int max_batch, int max_seq, float* partial, int32_t* counters, cudaStream_t stream) {
   if (tokens == 1) {
-    const int splits = (max_seq + kChunk - 1) / kChunk;
-    const int group = head_dim / Vec<T>::N;  // lanes per key: a power of two within a warp
-    if (head_dim % Vec<T>::N || group > 32 || (group & (group - 1))) return MOETRT_ERR_BAD_SHAPE;
-    attention_decode_kernel<T><<<dim3(splits, heads, batch), kDecodeThreads, 0, stream>>>(
-        qkv, cache, past, out, partial, counters, heads, head_dim, max_batch, max_seq, splits);
+    const dim3 grid((max_seq + kChunk - 1) / kChunk, heads, batch);
+    const int splits = grid.x;
+#define MOETRT_DECODE(DIM)                                                                                    \
+  attention_decode_kernel<T, DIM><<<grid, kDecodeThreads, 0, stream>>>(qkv, cache, past, out, partial, counters, \
+                                                                       heads, max_batch, max_seq, splits);
+    switch (head_dim) {
+      case 16: MOETRT_DECODE(16) break;
+      case 32: MOETRT_DECODE(32) break;
+      case 64: MOETRT_DECODE(64) break;
+      case 128: MOETRT_DECODE(128) break;
+      default: return MOETRT_ERR_BAD_SHAPE;
+    }
+#undef MOETRT_DECODE
     return launch_status();
   }
   kv_write_kernel<T><<<dim3(tokens, batch), 256, 0, stream>>>(qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);

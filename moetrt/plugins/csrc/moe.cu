@@ -8,21 +8,24 @@
 //  - many (prefill, fp16/bf16): a tensor-core (WMMA) grouped GEMM over (expert, 128-row tile, 128-col tile).
 #include <mma.h>
 
+#include <algorithm>
+
 #include "common.cuh"
 
 using namespace moetrt;
 
 namespace {
 
-constexpr int kGemvRows = 4;       // output rows per GEMV work item
 constexpr int kGemvTok = 8;        // tokens per GEMV pass
-constexpr int kGemvThreads = 128;
+constexpr int kGemvUnroll = 8;     // 16-byte weight loads in flight per lane
+constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
 constexpr int kBM = 128, kBN = 128, kBK = 32, kGemmThreads = 256;
 constexpr int kGemvMaxAssignments = 128;  // above this many assignments, fp16/bf16 use the grouped GEMM
 
 struct Workspace {
+  float* logits;  // [N, experts]
   int32_t *expert_of, *loc, *pos_of, *perm, *counts, *offsets, *active, *tile_start;
   float *prob, *y;
   void* act;  // [A, ffn] of T: the experts' hidden activations, in permuted order
@@ -36,6 +39,7 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
   size_t off = 0;
   auto take = [&](size_t bytes) { char* p = base ? base + off : nullptr; off += align256(bytes); return p; };
   Workspace ws;
+  ws.logits = reinterpret_cast<float*>(take(size_t(tokens) * experts * 4));
   ws.expert_of = reinterpret_cast<int32_t*>(take(A * 4));
   ws.prob = reinterpret_cast<float*>(take(A * 4));
   ws.loc = reinterpret_cast<int32_t*>(take(A * 4));
@@ -51,53 +55,68 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
   return off;
 }
 
-// ---- gate: logits = x · Wgᵀ in fp32, softmax, top-k (ties: lowest expert index) ----------------------
+// ---- gate logits = x · Wgᵀ in fp32: a warp per expert, a tile of kGateTok tokens per block -----------------
+constexpr int kGateTok = 8;
 template <typename T>
-__global__ void gate_topk_kernel(const T* __restrict__ x, const float* __restrict__ wg, int32_t* __restrict__ expert_of,
-                                 float* __restrict__ prob, int tokens, int hidden, int experts, int top_k) {
-  extern __shared__ float smem[];
-  float* xs = smem;
-  float* logits = smem + hidden;
-  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = to_float(x[int64_t(t) * hidden + i]);
+__global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
+                                                          float* __restrict__ logits, int tokens, int hidden, int experts,
+                                                          int tile) {
+  extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
+  for (int i = threadIdx.x; i < nt * hidden; i += blockDim.x) xs[i] = to_float(x[int64_t(t0) * hidden + i]);
   __syncthreads();
-  for (int e = warp; e < experts; e += warps) {
-    const float* row = wg + int64_t(e) * hidden;
-    float s = 0.f;
-    for (int i = lane * 4; i < hidden; i += 128) {
-      const float4 w = *reinterpret_cast<const float4*>(row + i);
-      s += w.x * xs[i] + w.y * xs[i + 1] + w.z * xs[i + 2] + w.w * xs[i + 3];
-    }
-    s = warp_sum(s);
-    if (lane == 0) logits[e] = s;
+  const int e = blockIdx.x * 4 + warp;
+  if (e >= experts) return;
+  const float* row = wg + int64_t(e) * hidden;
+  float acc[kGateTok];
+#pragma unroll
+  for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
+  for (int i = lane * 4; i < hidden; i += 128) {
+    const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
+#pragma unroll
+    for (int j = 0; j < kGateTok; ++j)
+      if (j < nt) {
+        const float* xv = xs + j * hidden + i;
+        acc[j] += w.x * xv[0] + w.y * xv[1] + w.z * xv[2] + w.w * xv[3];
+      }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
+#pragma unroll
+  for (int j = 0; j < kGateTok; ++j)
+    if (j < nt) {
+      const float v = warp_sum(acc[j]);
+      if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
+    }
+}
+
+// ---- routing (one block): softmax + top-k per token (ties: lowest expert), stable per-expert locations,
+// capacity, offsets, the compact list of active experts, and the permutation ------------------------------------
+__global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, const float* __restrict__ logits, int tokens,
+                                                               int experts, int top_k, int capacity, int tile_rows) {
+  extern __shared__ int32_t rsm[];
+  int32_t* wcount = rsm;                 // [32][experts]
+  int32_t* base = rsm + 32 * experts;    // [experts] running count, then the kept count
+  int32_t* total = base + experts;       // [experts] scratch, then the offsets
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int assignments = tokens * top_k;
+  for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
+    const float* l = logits + int64_t(t) * experts;
     float m = -INFINITY;
-    for (int e = 0; e < experts; ++e) m = fmaxf(m, logits[e]);
+    for (int e = 0; e < experts; ++e) m = fmaxf(m, l[e]);
     float sum = 0.f;
-    for (int e = 0; e < experts; ++e) sum += expf(logits[e] - m);
+    for (int e = 0; e < experts; ++e) sum += expf(l[e] - m);
     int first = -1;
     for (int k = 0; k < top_k; ++k) {
       int best = -1;
       for (int e = 0; e < experts; ++e)
-        if (e != first && (best < 0 || logits[e] > logits[best])) best = e;
-      expert_of[k * tokens + t] = best;
-      prob[k * tokens + t] = expf(logits[best] - m) / sum;
+        if (e != first && (best < 0 || l[e] > l[best])) best = e;
+      w.expert_of[k * tokens + t] = best;
+      w.prob[k * tokens + t] = expf(l[best] - m) / sum;
       first = best;
     }
   }
-}
-
-// ---- routing: stable per-expert locations, capacity, offsets, permutation; one block ----------------------
-__global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int assignments, int experts, int capacity,
-                                                               int tile_rows) {
-  extern __shared__ int32_t rsm[];
-  int32_t* wcount = rsm;                    // [32][experts]
-  int32_t* base = rsm + 32 * experts;       // [experts]
-  int32_t* total = base + experts;          // [experts]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
+  __syncthreads();  // expert_of written by other threads
   for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
     for (int i = threadIdx.x; i < 32 * experts; i += blockDim.x) wcount[i] = 0;
     __syncthreads();
@@ -118,14 +137,18 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int a
     for (int x = threadIdx.x; x < experts; x += blockDim.x) base[x] = total[x];
     __syncthreads();
   }
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) w.counts[e] = capacity > 0 ? min(base[e], capacity) : base[e];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    base[e] = capacity > 0 ? min(base[e], capacity) : base[e];
+    w.counts[e] = base[e];
+  }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {  // serial over experts, in shared memory
     int off = 0, n_active = 0, tiles = 0;
     w.tile_start[0] = 0;
     for (int e = 0; e < experts; ++e) {
+      total[e] = off;
       w.offsets[e] = off;
-      const int c = w.counts[e];
+      const int c = base[e];
       off += c;
       if (c > 0) {
         w.active[1 + n_active] = e;
@@ -139,8 +162,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int a
   __syncthreads();
   for (int a = threadIdx.x; a < assignments; a += blockDim.x) {
     const int e = w.expert_of[a], l = w.loc[a];
-    if (l < w.counts[e]) {
-      const int p = w.offsets[e] + l;
+    if (l < base[e]) {
+      const int p = total[e] + l;
       w.perm[p] = a;
       w.pos_of[a] = p;
     } else {
@@ -149,77 +172,68 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int a
   }
 }
 
-// ---- few tokens per expert: persistent GEMV -------------------------------------------------------------
+// ---- few tokens per expert: persistent GEMV, a warp per (active expert, output row) -------------------------
 // FC1: act[p, r] = act(W1[e][r] · x[token(p)] + b1[e][r]);  FC2: y[p, r] = W2[e][r] · act[p] + b2[e][r]
+// Each lane keeps kGemvUnroll 16-byte weight loads in flight; the weights are read once per expert, the
+// (few) token vectors come from L1/L2.
 template <typename T, bool FC1>
 __global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     int tokens, int rows, int K, int act_kind) {
-  constexpr int VN = Vec<T>::N;
-  __shared__ float red[kGemvThreads / 32][kGemvRows * kGemvTok];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int chunks = (rows + kGemvRows - 1) / kGemvRows;
-  const int total = w.active[0] * chunks;
+  constexpr int VN = Vec<T>::N, U = kGemvUnroll;
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const int total = w.active[0] * rows;
   const int KV = K / VN;
-  for (int item = blockIdx.x; item < total; item += gridDim.x) {
-    const int e = w.active[1 + item / chunks];
-    const int row0 = (item % chunks) * kGemvRows;
+  for (int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); item < total; item += warps) {
+    const int e = w.active[1 + item / rows], row = item % rows;
     const int count = w.counts[e], off = w.offsets[e];
-    const T* W = weight + (int64_t(e) * rows + row0) * K;
+    const T* W = weight + (int64_t(e) * rows + row) * K;
+    const float b = to_float(bias[int64_t(e) * rows + row]);
     for (int t0 = 0; t0 < count; t0 += kGemvTok) {
       const int nt = min(kGemvTok, count - t0);
       const T* src[kGemvTok];
+      float acc[kGemvTok];
 #pragma unroll
       for (int j = 0; j < kGemvTok; ++j) {
         const int p = off + t0 + min(j, nt - 1);
         src[j] = FC1 ? input + int64_t(w.perm[p] % tokens) * K : input + int64_t(p) * K;
+        acc[j] = 0.f;
       }
-      float acc[kGemvRows][kGemvTok];
+      for (int v0 = 0; v0 < KV; v0 += 32 * U) {
+        Vec<T> wv[U];
 #pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-        for (int j = 0; j < kGemvTok; ++j) acc[r][j] = 0.f;
-      for (int v = threadIdx.x; v < KV; v += kGemvThreads) {
-        Vec<T> wv[kGemvRows];
-#pragma unroll
-        for (int r = 0; r < kGemvRows; ++r)
-          if (row0 + r < rows) wv[r].load_global_nc(W + int64_t(r) * K + v * VN);
+        for (int u = 0; u < U; ++u) {
+          const int v = v0 + u * 32 + lane;
+          if (v < KV) wv[u].load_global_nc(W + v * VN);
+        }
 #pragma unroll
         for (int j = 0; j < kGemvTok; ++j) {
           if (j < nt) {
-            Vec<T> xv;
-            xv.load(src[j] + v * VN);
 #pragma unroll
-            for (int r = 0; r < kGemvRows; ++r) {
-              if (row0 + r < rows) {
+            for (int u = 0; u < U; ++u) {
+              const int v = v0 + u * 32 + lane;
+              if (v < KV) {
+                Vec<T> xv;
+                xv.load(src[j] + v * VN);
 #pragma unroll
-                for (int i = 0; i < VN; ++i) acc[r][j] += to_float(wv[r].v[i]) * to_float(xv.v[i]);
+                for (int i = 0; i < VN; ++i) acc[j] += to_float(wv[u].v[i]) * to_float(xv.v[i]);
               }
             }
           }
         }
       }
 #pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-        for (int j = 0; j < kGemvTok; ++j) {
-          const float s = warp_sum(acc[r][j]);
-          if (lane == 0) red[warp][r * kGemvTok + j] = s;
-        }
-      __syncthreads();
-      if (threadIdx.x < kGemvRows * kGemvTok) {
-        const int r = threadIdx.x / kGemvTok, j = threadIdx.x % kGemvTok;
-        if (j < nt && row0 + r < rows) {
-          float s = 0.f;
-#pragma unroll
-          for (int x = 0; x < kGemvThreads / 32; ++x) s += red[x][threadIdx.x];
-          s += to_float(bias[int64_t(e) * rows + row0 + r]);
-          const int p = off + t0 + j;
-          if (FC1) static_cast<T*>(w.act)[int64_t(p) * rows + row0 + r] = from_float<T>(activate(s, act_kind));
-          else w.y[int64_t(p) * rows + row0 + r] = s;
+      for (int j = 0; j < kGemvTok; ++j) {
+        if (j < nt) {  // uniform across the warp
+          const float s = warp_sum(acc[j]) + b;
+          if (lane == 0) {
+            const int64_t p = off + t0 + j;
+            if (FC1) static_cast<T*>(w.act)[p * rows + row] = from_float<T>(activate(s, act_kind));
+            else w.y[p * rows + row] = s;
+          }
         }
       }
-      __syncthreads();
     }
   }
 }
@@ -376,11 +390,12 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
                int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
   const int A = tokens * top_k;
-  gate_topk_kernel<T><<<tokens, 128, (h + experts) * sizeof(float), stream>>>(hidden, gate_weight, w.expert_of,
-                                                                              w.prob, tokens, h, experts, top_k);
+  const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
+  gate_logits_kernel<T><<<dim3((experts + 3) / 4, (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
+                          stream>>>(hidden, gate_weight, w.logits, tokens, h, experts, tile);
   const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
-  route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, A, experts, capacity,
-                                                                             gemm ? kBM : 1);
+  route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, w.logits, tokens, experts, top_k,
+                                                                             capacity, gemm ? kBM : 1);
   if (gemm) {
     if constexpr (sizeof(T) == 2) {
       const int grid = sm_count() * 2;
@@ -389,7 +404,7 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
                                                                       tokens, h, f, act_kind);
     }
   } else {
-    const int grid = sm_count() * 8;
+    const int grid = sm_count() * 8;  // 8 warps a block: 64 warps an SM
     expert_gemv_kernel<T, true><<<grid, kGemvThreads, 0, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
     expert_gemv_kernel<T, false><<<grid, kGemvThreads, 0, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
                                                                     tokens, h, f, act_kind);
@@ -422,7 +437,7 @@ MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const vo
                           cudaStream_t stream) {
   if (tokens < 0 || tokens * 2 > 0x7fffffff || hidden_size <= 0 || ffn <= 0 || experts <= 0 ||
       experts > kMaxExperts || (top_k != 1 && top_k != 2) || top_k > experts || (activation != 0 && activation != 1) ||
-      hidden_size % 8 || ffn % 8 || hidden_size * 4 + experts * 4 > 48 * 1024)
+      hidden_size % 8 || ffn % 8 || hidden_size > 12288)
     return MOETRT_ERR_BAD_SHAPE;
   if (tokens == 0) return 0;
   size_t need = 0;

@@ -1,0 +1,42 @@
+"""Per-kernel GPU times of the MoE launcher (torch.profiler), and a check of the 4096-token case against a
+torch float32 computation on the GPU. Diagnostic for tuning; not part of the test suite."""
+
+import torch
+
+from moetrt.plugins import launch
+
+E, h, f = 64, 1024, 4096
+dt = torch.float16
+g = torch.Generator(device="cuda").manual_seed(0)
+wg = torch.randn(E, h, device="cuda", generator=g) / h ** 0.5
+w1 = (torch.randn(E, f, h, device="cuda", generator=g) / h ** 0.5).to(dt)
+b1 = (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt)
+w2 = (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt)
+b2 = (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)
+
+for N in (1, 8, 32, 4096):
+    x = torch.randn(N, h, device="cuda").to(dt)
+    out = torch.full((N, h), float("nan"), device="cuda", dtype=dt)
+    ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        launch.moe(x, wg, w1, b1, w2, b2, out, ws)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            launch.moe(x, wg, w1, b1, w2, b2, out, ws)
+        torch.cuda.synchronize()
+    print(f"--- N={N}")
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA or getattr(evt, "device_time", 0):
+            t = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0)
+            print(f"  {evt.key[:70]:70s} {t:9.1f} us x{evt.count}")
+    # reference in fp32 on the GPU
+    p = torch.softmax(x.float() @ wg.T, -1)
+    wt, ex = p.max(-1)
+    ref = torch.zeros(N, h, device="cuda")
+    for e in torch.unique(ex).tolist():
+        idx = (ex == e).nonzero()[:, 0]
+        a = torch.nn.functional.gelu(x[idx].float() @ w1[e].float().T + b1[e].float(), approximate="tanh")
+        ref[idx] = wt[idx, None] * (a @ w2[e].float().T + b2[e].float())
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"  rel err vs fp32 torch: {err:.2e}  NaN: {torch.isnan(out).any().item()}  experts hit: {len(torch.unique(ex))}")
