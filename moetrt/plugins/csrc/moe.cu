@@ -89,34 +89,50 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     }
 }
 
-// ---- routing (one block): softmax + top-k per token (ties: lowest expert), stable per-expert locations,
-// capacity, offsets, the compact list of active experts, and the permutation ------------------------------------
-__global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, const float* __restrict__ logits, int tokens,
-                                                               int experts, int top_k, int capacity, int tile_rows) {
+// ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
+__global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
+  const int lane = threadIdx.x & 31;
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= tokens) return;
+  const float* l = w.logits + int64_t(t) * experts;
+  float m = -INFINITY;
+  for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int e = lane; e < experts; e += 32) sum += expf(l[e] - m);
+  sum = warp_sum(sum);
+  int first = -1;
+  for (int k = 0; k < top_k; ++k) {
+    float best = -INFINITY;
+    int arg = 0x7fffffff;
+    for (int e = lane; e < experts; e += 32)
+      if (e != first && l[e] > best) { best = l[e]; arg = e; }  // increasing e: ties keep the lowest
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+    }
+    if (lane == 0) {
+      w.expert_of[k * tokens + t] = arg;
+      w.prob[k * tokens + t] = expf(best - m) / sum;
+    }
+    first = arg;
+  }
+}
+
+// ---- routing (one block): stable per-expert locations, capacity, offsets, the compact list of active experts,
+// and the permutation --------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int tokens, int experts, int top_k,
+                                                               int capacity, int tile_rows) {
   extern __shared__ int32_t rsm[];
   int32_t* wcount = rsm;                 // [32][experts]
   int32_t* base = rsm + 32 * experts;    // [experts] running count, then the kept count
   int32_t* total = base + experts;       // [experts] scratch, then the offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int assignments = tokens * top_k;
-  for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
-    const float* l = logits + int64_t(t) * experts;
-    float m = -INFINITY;
-    for (int e = 0; e < experts; ++e) m = fmaxf(m, l[e]);
-    float sum = 0.f;
-    for (int e = 0; e < experts; ++e) sum += expf(l[e] - m);
-    int first = -1;
-    for (int k = 0; k < top_k; ++k) {
-      int best = -1;
-      for (int e = 0; e < experts; ++e)
-        if (e != first && (best < 0 || l[e] > l[best])) best = e;
-      w.expert_of[k * tokens + t] = best;
-      w.prob[k * tokens + t] = expf(l[best] - m) / sum;
-      first = best;
-    }
-  }
   for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
-  __syncthreads();  // expert_of written by other threads
+  __syncthreads();
   for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
     for (int i = threadIdx.x; i < 32 * experts; i += blockDim.x) wcount[i] = 0;
     __syncthreads();
@@ -394,8 +410,9 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
   gate_logits_kernel<T><<<dim3((experts + 3) / 4, (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
                           stream>>>(hidden, gate_weight, w.logits, tokens, h, experts, tile);
   const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
-  route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, w.logits, tokens, experts, top_k,
-                                                                             capacity, gemm ? kBM : 1);
+  topk_kernel<<<(tokens + 7) / 8, 256, 0, stream>>>(w, tokens, experts, top_k);
+  route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, tokens, experts, top_k, capacity,
+                                                                             gemm ? kBM : 1);
   if (gemm) {
     if constexpr (sizeof(T) == 2) {
       const int grid = sm_count() * 2;
