@@ -48,11 +48,13 @@ def load_library() -> ctypes.CDLL:
     lib.moetrt_abi_version.restype = ctypes.c_int
     lib.moetrt_error_string.restype = ctypes.c_char_p
     lib.moetrt_error_string.argtypes = [ctypes.c_int]
+    lib.moetrt_cuda_archs.restype = ctypes.c_char_p
     built = lib.moetrt_abi_version()
     if built != PLUGIN_ABI_VERSION:
         raise KernelError(f"{path}: built for plugin ABI {built}, this moetrt needs {PLUGIN_ABI_VERSION}; "
                           "rebuild with `pip install .`")
     lib.path = path
+    lib.cuda_archs = tuple(int(a) for a in lib.moetrt_cuda_archs().decode().split(",") if a.strip().isdigit())
     return lib
 
 

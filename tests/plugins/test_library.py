@@ -11,8 +11,11 @@ from moetrt.plugins.kernels import check, load_library
 def test_kernel_library_is_built_and_matches_the_abi():
     lib = load_library()
     assert lib.moetrt_abi_version() == PLUGIN_ABI_VERSION
-    for symbol in ("moetrt_abi_version", "moetrt_error_string", "moetrt_embedding"):
+    for symbol in ("moetrt_abi_version", "moetrt_error_string", "moetrt_embedding", "moetrt_add_layernorm",
+                   "moetrt_bias_act", "moetrt_attention", "moetrt_moe", "moetrt_moe_workspace_size"):
         assert hasattr(lib, symbol), symbol
+    # Ampere and Hopper machine code, not the compiler's default target (which lacks the tensor-core paths)
+    assert {80, 90} <= set(lib.cuda_archs), lib.cuda_archs
 
 
 def test_library_reports_argument_errors_by_code():

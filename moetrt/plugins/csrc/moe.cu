@@ -360,6 +360,8 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
         __syncwarp();
       }
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture without bf16/fp16 WMMA: never return silently
 #endif
 }
 

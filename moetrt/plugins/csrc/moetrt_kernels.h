@@ -18,6 +18,7 @@ enum moetrt_dtype { MOETRT_FP32 = 0, MOETRT_FP16 = 1, MOETRT_BF16 = 2 };
 enum moetrt_error { MOETRT_ERR_BAD_DTYPE = 1001, MOETRT_ERR_BAD_SHAPE = 1002 };
 
 MOETRT_API int moetrt_abi_version(void);
+MOETRT_API const char* moetrt_cuda_archs(void);  // e.g. "80,90": the SASS targets the library was built for
 MOETRT_API const char* moetrt_error_string(int code);
 
 // out[t, :] = wte[input_ids[t], :] + wpe[position_ids[t], :] for t < num_tokens.
