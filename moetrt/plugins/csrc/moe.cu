@@ -16,8 +16,7 @@ using namespace moetrt;
 
 namespace {
 
-constexpr int kGemvTok = 8;        // tokens per GEMV pass
-constexpr int kGemvUnroll = 8;     // 16-byte weight loads in flight per lane
+constexpr int kGemvTok = 4;        // tokens per GEMV pass
 constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
@@ -60,33 +59,35 @@ constexpr int kGateTok = 8;
 template <typename T>
 __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
                                                           float* __restrict__ logits, int tokens, int hidden, int experts,
-                                                          int tile) {
+                                                          int tile, int experts_per_warp) {
   extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
   for (int i = threadIdx.x; i < nt * hidden; i += blockDim.x) xs[i] = to_float(x[int64_t(t0) * hidden + i]);
   __syncthreads();
-  const int e = blockIdx.x * 4 + warp;
-  if (e >= experts) return;
-  const float* row = wg + int64_t(e) * hidden;
-  float acc[kGateTok];
+  for (int ei = 0; ei < experts_per_warp; ++ei) {
+    const int e = (blockIdx.x * 4 + warp) * experts_per_warp + ei;
+    if (e >= experts) return;
+    const float* row = wg + int64_t(e) * hidden;
+    float acc[kGateTok];
 #pragma unroll
-  for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
-  for (int i = lane * 4; i < hidden; i += 128) {
-    const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
+    for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
+    for (int i = lane * 4; i < hidden; i += 128) {
+      const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
+#pragma unroll
+      for (int j = 0; j < kGateTok; ++j)
+        if (j < nt) {
+          const float4 xv = *reinterpret_cast<const float4*>(xs + j * hidden + i);
+          acc[j] += w.x * xv.x + w.y * xv.y + w.z * xv.z + w.w * xv.w;
+        }
+    }
 #pragma unroll
     for (int j = 0; j < kGateTok; ++j)
       if (j < nt) {
-        const float* xv = xs + j * hidden + i;
-        acc[j] += w.x * xv[0] + w.y * xv[1] + w.z * xv[2] + w.w * xv[3];
+        const float v = warp_sum(acc[j]);
+        if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
       }
   }
-#pragma unroll
-  for (int j = 0; j < kGateTok; ++j)
-    if (j < nt) {
-      const float v = warp_sum(acc[j]);
-      if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
-    }
 }
 
 // ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
@@ -188,70 +189,100 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
   }
 }
 
-// ---- few tokens per expert: persistent GEMV, a warp per (active expert, output row) -------------------------
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 132;
+  if (!cached[dev]) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    cached[dev] = n > 0 ? n : 132;
+  }
+  return cached[dev];
+}
+
+// ---- few tokens per expert: persistent GEMV, a warp per (active expert, group of RG output rows) ------------------
 // FC1: act[p, r] = act(W1[e][r] · x[token(p)] + b1[e][r]);  FC2: y[p, r] = W2[e][r] · act[p] + b2[e][r]
-// Each lane keeps kGemvUnroll 16-byte weight loads in flight; the weights are read once per expert, the
-// (few) token vectors come from L1/L2.
-template <typename T, bool FC1>
+// Each lane issues 16 sixteen-byte weight loads (RG rows x CV vectors) before using any; the weights are read
+// once per expert, the token vectors (at most kGemvTok at a time) come from L1/L2.
+template <typename T, bool FC1, int RG>
 __global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     int tokens, int rows, int K, int act_kind) {
-  constexpr int VN = Vec<T>::N, U = kGemvUnroll;
+  constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kGemvTok;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
-  const int total = w.active[0] * rows;
-  const int KV = K / VN;
+  const int KV = K / VN, vpl = (KV + 31) / 32;
+  const int groups = (rows + RG - 1) / RG;
+  const int total = w.active[0] * groups;
   for (int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); item < total; item += warps) {
-    const int e = w.active[1 + item / rows], row = item % rows;
+    const int e = w.active[1 + item / groups], row0 = (item % groups) * RG;
     const int count = w.counts[e], off = w.offsets[e];
-    const T* W = weight + (int64_t(e) * rows + row) * K;
-    const float b = to_float(bias[int64_t(e) * rows + row]);
-    for (int t0 = 0; t0 < count; t0 += kGemvTok) {
-      const int nt = min(kGemvTok, count - t0);
-      const T* src[kGemvTok];
-      float acc[kGemvTok];
+    const T* W = weight + (int64_t(e) * rows + row0) * K;
+    for (int t0 = 0; t0 < count; t0 += TOK) {
+      const int nt = min(TOK, count - t0);
+      const T* src[TOK];
+      float acc[RG][TOK];
 #pragma unroll
-      for (int j = 0; j < kGemvTok; ++j) {
+      for (int j = 0; j < TOK; ++j) {
         const int p = off + t0 + min(j, nt - 1);
         src[j] = FC1 ? input + int64_t(w.perm[p] % tokens) * K : input + int64_t(p) * K;
-        acc[j] = 0.f;
+#pragma unroll
+        for (int r = 0; r < RG; ++r) acc[r][j] = 0.f;
       }
-      for (int v0 = 0; v0 < KV; v0 += 32 * U) {
-        Vec<T> wv[U];
+      for (int c0 = 0; c0 < vpl; c0 += CV) {
+        Vec<T> wv[RG][CV];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int v = v0 + u * 32 + lane;
-          if (v < KV) wv[u].load_global_nc(W + v * VN);
+        for (int r = 0; r < RG; ++r)
+#pragma unroll
+          for (int u = 0; u < CV; ++u) {
+            const int v = (c0 + u) * 32 + lane;
+            if (row0 + r < rows && v < KV) wv[r][u].load_global_nc(W + int64_t(r) * K + v * VN);
+          }
+#pragma unroll
+        for (int j = 0; j < TOK; ++j) {
+          if (j >= nt) continue;
+#pragma unroll
+          for (int u = 0; u < CV; ++u) {
+            const int v = (c0 + u) * 32 + lane;
+            if (v >= KV) continue;
+            Vec<T> xv;
+            xv.load(src[j] + v * VN);
+#pragma unroll
+            for (int r = 0; r < RG; ++r)
+#pragma unroll
+              for (int i = 0; i < VN; ++i) acc[r][j] += to_float(wv[r][u].v[i]) * to_float(xv.v[i]);
+          }
         }
+      }
 #pragma unroll
-        for (int j = 0; j < kGemvTok; ++j) {
-          if (j < nt) {
+      for (int r = 0; r < RG; ++r)
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-              const int v = v0 + u * 32 + lane;
-              if (v < KV) {
-                Vec<T> xv;
-                xv.load(src[j] + v * VN);
-#pragma unroll
-                for (int i = 0; i < VN; ++i) acc[j] += to_float(wv[u].v[i]) * to_float(xv.v[i]);
-              }
+        for (int j = 0; j < TOK; ++j) {
+          if (j < nt && row0 + r < rows) {  // uniform across the warp
+            const float s = warp_sum(acc[r][j]) + to_float(bias[int64_t(e) * rows + row0 + r]);
+            if (lane == 0) {
+              const int64_t p = off + t0 + j;
+              if (FC1) static_cast<T*>(w.act)[p * rows + row0 + r] = from_float<T>(activate(s, act_kind));
+              else w.y[p * rows + row0 + r] = s;
             }
           }
         }
-      }
-#pragma unroll
-      for (int j = 0; j < kGemvTok; ++j) {
-        if (j < nt) {  // uniform across the warp
-          const float s = warp_sum(acc[j]) + b;
-          if (lane == 0) {
-            const int64_t p = off + t0 + j;
-            if (FC1) static_cast<T*>(w.act)[p * rows + row] = from_float<T>(activate(s, act_kind));
-            else w.y[p * rows + row] = s;
-          }
-        }
-      }
     }
   }
+}
+
+template <typename T, bool FC1>
+void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, int tokens, int rows, int K,
+                 int act_kind, cudaStream_t stream) {
+  const int grid = sm_count() * 8;
+  const int vpl = (K / Vec<T>::N + 31) / 32;  // 16-byte vectors per lane per row
+  if (vpl <= 4)
+    expert_gemv_kernel<T, FC1, 4><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
+  else if (vpl <= 8)
+    expert_gemv_kernel<T, FC1, 2><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
+  else
+    expert_gemv_kernel<T, FC1, 1><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
 }
 
 // ---- many tokens per expert: grouped GEMM on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate) ------------
@@ -391,26 +422,16 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
   }
 }
 
-int sm_count() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 132;
-  if (!cached[dev]) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cached[dev] = n > 0 ? n : 132;
-  }
-  return cached[dev];
-}
-
 template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
                int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
   const int A = tokens * top_k;
   const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
-  gate_logits_kernel<T><<<dim3((experts + 3) / 4, (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
-                          stream>>>(hidden, gate_weight, w.logits, tokens, h, experts, tile);
+  const int epw = tokens <= kGateTok ? 1 : 4;  // decode: spread the gate over many SMs; prefill: reuse x tiles
+  gate_logits_kernel<T><<<dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128,
+                          tile * h * sizeof(float), stream>>>(hidden, gate_weight, w.logits, tokens, h, experts, tile,
+                                                              epw);
   const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
   topk_kernel<<<(tokens + 7) / 8, 256, 0, stream>>>(w, tokens, experts, top_k);
   route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, tokens, experts, top_k, capacity,
@@ -423,10 +444,8 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
                                                                       tokens, h, f, act_kind);
     }
   } else {
-    const int grid = sm_count() * 8;  // 8 warps a block: 64 warps an SM
-    expert_gemv_kernel<T, true><<<grid, kGemvThreads, 0, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
-    expert_gemv_kernel<T, false><<<grid, kGemvThreads, 0, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
-                                                                    tokens, h, f, act_kind);
+    launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, stream);
+    launch_gemv<T, false>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
   }
   finalize_kernel<T><<<tokens, 128, 0, stream>>>(w, residual, out, tokens, h, top_k);
   return launch_status();
