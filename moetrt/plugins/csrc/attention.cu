@@ -18,6 +18,7 @@ namespace {
 constexpr int kChunk = 128;        // keys per decode block
 constexpr int kDecodeThreads = 128;
 constexpr int kMaxHeadDim = 128;
+constexpr int kMaxSplits = 256;    // max_seq <= kMaxSplits * kChunk
 
 struct Layout {
   int64_t batch_stride, head_stride, half;  // elements: per cache row, per head, K->V offset
@@ -146,15 +147,27 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const volatile float* base = partial + (int64_t(b) * heads + h) * max_splits * (D + 2);
+  // combine: split weights through shared memory, then each output channel sums over the splits with
+  // independent loads (read around L1: other blocks wrote these)
+  const float* base = partial + (int64_t(b) * heads + h) * max_splits * (D + 2);
+  __shared__ float split_m[kMaxSplits], split_w[kMaxSplits];
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    split_m[s] = __ldcg(base + s * (D + 2));
+    split_w[s] = __ldcg(base + s * (D + 2) + 1);  // l_s for now
+  }
+  __syncthreads();
   float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (D + 2)]);
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, split_m[s]);
   float total = 0.f;
-  for (int s = 0; s < splits; ++s) total += base[s * (D + 2) + 1] * __expf(base[s * (D + 2)] - M);
+  for (int s = 0; s < splits; ++s) total += split_w[s] * __expf(split_m[s] - M);
+  __syncthreads();
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) split_w[s] = __expf(split_m[s] - M) / total;
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += base[s * (D + 2) + 2 + d] * __expf(base[s * (D + 2)] - M);
-    out[(int64_t(b) * heads + h) * D + d] = from_float<T>(v / total);
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) v += split_w[s] * __ldcg(base + s * (D + 2) + 2 + d);
+    out[(int64_t(b) * heads + h) * D + d] = from_float<T>(v);
   }
   if (threadIdx.x == 0) counters[b * heads + h] = 0;
 }
@@ -276,7 +289,7 @@ MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* 
                                 int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (batch < 0 || tokens < 0 || batch > max_batch || tokens > max_seq || num_heads <= 0 || head_dim <= 0 ||
-      head_dim > kMaxHeadDim)
+      head_dim > kMaxHeadDim || max_seq > kMaxSplits * kChunk)
     return MOETRT_ERR_BAD_SHAPE;
   if (batch == 0 || tokens == 0) return 0;
   size_t need = 0;

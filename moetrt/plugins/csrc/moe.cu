@@ -20,7 +20,7 @@ constexpr int kGemvTok = 4;        // tokens per GEMV pass
 constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
-constexpr int kBM = 128, kBN = 128, kBK = 32, kGemmThreads = 256;
+constexpr int kBM = 128, kBN = 128, kBK = 32, kGemmThreads = 256, kStages = 4;
 constexpr int kGemvMaxAssignments = 128;  // above this many assignments, fp16/bf16 use the grouped GEMM
 
 struct Workspace {
@@ -63,7 +63,14 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
   extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
-  for (int i = threadIdx.x; i < nt * hidden; i += blockDim.x) xs[i] = to_float(x[int64_t(t0) * hidden + i]);
+  constexpr int VN = Vec<T>::N;
+#pragma unroll 4
+  for (int v = threadIdx.x; v < nt * hidden / VN; v += blockDim.x) {  // 16-byte loads, several in flight
+    Vec<T> xv;
+    xv.load(x + int64_t(t0) * hidden + v * VN);
+#pragma unroll
+    for (int i = 0; i < VN; ++i) xs[v * VN + i] = to_float(xv.v[i]);
+  }
   __syncthreads();
   for (int ei = 0; ei < experts_per_warp; ++ei) {
     const int e = (blockIdx.x * 4 + warp) * experts_per_warp + ei;
@@ -301,11 +308,11 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 fragments exist on sm_80+ only (and not in the host pass)
   using namespace nvcuda;
   constexpr int LD = kBK + 8;  // padded rows: 80 bytes, keeps 16-byte alignment and spreads banks
-  // operand tiles, double-buffered; the epilogue's per-warp 16x16 staging reuses their space
-  __shared__ __align__(128) unsigned char smem[2 * (kBM + kBN) * LD * sizeof(T)];
-  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= sizeof(smem), "epilogue staging must fit");
+  // kStages operand tiles in dynamic shared memory; the epilogue's per-warp 16x16 staging reuses their space
+  extern __shared__ __align__(128) unsigned char smem[];
+  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= kStages * (kBM + kBN) * LD * sizeof(T), "staging");
   auto As = reinterpret_cast<T(*)[kBM][LD]>(smem);
-  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + 2 * kBM * LD * sizeof(T));
+  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + kStages * kBM * LD * sizeof(T));
   auto Cs = reinterpret_cast<float(*)[16][20]>(smem);
   __shared__ int32_t src_row[kBM];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -347,16 +354,19 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
     for (int a = 0; a < 4; ++a)
 #pragma unroll
       for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.f);
-    load(0, 0);
+    // prologue: kStages - 1 tiles in flight; one commit group per k-tile (empty past the end), so that
+    // wait_group<kStages - 2> always means "tile kt has landed"
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_tiles) load(s, s * kBK);
+      else cp_async_commit();
+    }
     for (int kt = 0; kt < k_tiles; ++kt) {
-      const int stage = kt & 1;
-      if (kt + 1 < k_tiles) {
-        load(stage ^ 1, (kt + 1) * kBK);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+      const int stage = kt % kStages;
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile kt visible to all; stage (kt - 1) % kStages no longer read
+      if (kt + kStages - 1 < k_tiles) load((kt + kStages - 1) % kStages, (kt + kStages - 1) * kBK);
+      else cp_async_commit();
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[4];
@@ -370,8 +380,9 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
 #pragma unroll
           for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
       }
-      __syncthreads();
     }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the operand tiles before they become epilogue staging
     // epilogue, one 16x16 fragment at a time through this warp's staging tile
 #pragma unroll
     for (int a = 0; a < 4; ++a)
@@ -413,14 +424,28 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
     const float denom = fmaxf(sum, 1.1920928955078125e-07f);  // float32 eps, as DeepSpeed clamps
     for (int k = 0; k < top_k; ++k) wt[k] /= denom;
   }
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-    float s = 0.f;
-    for (int k = 0; k < top_k; ++k)
-      if (pos[k] >= 0) s += wt[k] * w.y[int64_t(pos[k]) * hidden + i];
-    if (residual) s += to_float(residual[int64_t(t) * hidden + i]);
-    out[int64_t(t) * hidden + i] = from_float<T>(s);
+  constexpr int VN = Vec<T>::N;
+  for (int v = threadIdx.x; v < hidden / VN; v += blockDim.x) {  // VN elements (16 bytes of T) per step
+    float s[VN];
+#pragma unroll
+    for (int i = 0; i < VN; ++i) s[i] = 0.f;
+    for (int k = 0; k < top_k; ++k) {
+      if (pos[k] < 0) continue;
+      const float* y = w.y + int64_t(pos[k]) * hidden + v * VN;
+#pragma unroll
+      for (int i = 0; i < VN; i += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(y + i);
+        s[i] += wt[k] * q.x; s[i + 1] += wt[k] * q.y; s[i + 2] += wt[k] * q.z; s[i + 3] += wt[k] * q.w;
+      }
+    }
+    Vec<T> o;
+    if (residual) o.load(residual + int64_t(t) * hidden + v * VN);
+#pragma unroll
+    for (int i = 0; i < VN; ++i) o.v[i] = from_float<T>(s[i] + (residual ? to_float(o.v[i]) : 0.f));
+    o.store(out + int64_t(t) * hidden + v * VN);
   }
 }
+
 
 template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
@@ -439,9 +464,17 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
   if (gemm) {
     if constexpr (sizeof(T) == 2) {
       const int grid = sm_count() * 2;
-      expert_gemm_kernel<T, true><<<grid, kGemmThreads, 0, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
-      expert_gemm_kernel<T, false><<<grid, kGemmThreads, 0, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
-                                                                      tokens, h, f, act_kind);
+      const int bytes = kStages * (kBM + kBN) * (kBK + 8) * sizeof(T);
+      static bool configured = false;  // raising the dynamic shared-memory limit is a per-function attribute
+      if (!configured) {
+        cudaFuncSetAttribute(expert_gemm_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        cudaFuncSetAttribute(expert_gemm_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        configured = true;
+      }
+      expert_gemm_kernel<T, true><<<grid, kGemmThreads, bytes, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h,
+                                                                         act_kind);
+      expert_gemm_kernel<T, false><<<grid, kGemmThreads, bytes, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b,
+                                                                          w, tokens, h, f, act_kind);
     }
   } else {
     launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, stream);
