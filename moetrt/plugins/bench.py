@@ -70,7 +70,7 @@ def measure_ceilings() -> dict:
     return {"copy_bytes_per_s": bandwidth, "fp16_flops_per_s": 2 * 8192 ** 3 / (ms_mm * 1e-3)}
 
 
-def bench_moe(ceil: dict, tokens_list=(1, 8, 32), prefill=4096, E=64, h=1024, f=4096) -> list[dict]:
+def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=4096) -> list[dict]:
     torch = _torch()
     from moetrt.plugins import launch
     dt = torch.float16
@@ -85,7 +85,7 @@ def bench_moe(ceil: dict, tokens_list=(1, 8, 32), prefill=4096, E=64, h=1024, f=
                        (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)))
     expert_bytes = (2 * f * h + f + h) * 2
     rows = []
-    for N in (*tokens_list, prefill):
+    for N in tokens_list:
         xs = [torch.randn(N, h, device="cuda").to(dt) for _ in range(ROTATE)]
         out = torch.empty(N, h, device="cuda", dtype=dt)
         ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")

@@ -20,7 +20,7 @@ constexpr int kGemvTok = 4;        // tokens per GEMV pass
 constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
-constexpr int kBM = 128, kBN = 128, kBK = 32, kGemmThreads = 256, kStages = 4;
+constexpr int kBN = 128, kBK = 32, kGemmThreads = 256, kStages = 4;
 constexpr int kGemvMaxAssignments = 128;  // above this many assignments, fp16/bf16 use the grouped GEMM
 
 struct Workspace {
@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     float acc[kGateTok];
 #pragma unroll
     for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
+#pragma unroll 4
     for (int i = lane * 4; i < hidden; i += 128) {
       const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
 #pragma unroll
@@ -282,14 +283,9 @@ __global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
 template <typename T, bool FC1>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, int tokens, int rows, int K,
                  int act_kind, cudaStream_t stream) {
-  const int grid = sm_count() * 8;
-  const int vpl = (K / Vec<T>::N + 31) / 32;  // 16-byte vectors per lane per row
-  if (vpl <= 4)
-    expert_gemv_kernel<T, FC1, 4><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
-  else if (vpl <= 8)
-    expert_gemv_kernel<T, FC1, 2><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
-  else
-    expert_gemv_kernel<T, FC1, 1><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
+  // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight rows)
+  expert_gemv_kernel<T, FC1, 4><<<sm_count() * 8, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K,
+                                                                              act_kind);
 }
 
 // ---- many tokens per expert: grouped GEMM on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate) ------------
@@ -301,7 +297,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-template <typename T, bool FC1>
+// BM (32, 64, 128) follows the tokens per expert so that short experts do not pay for a 128-row tile; the 8 warps
+// are 2 (rows) x 4 (columns), each BM/2 x 32.
+template <typename T, bool FC1, int BM>
 __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     int tokens, int rows, int K, int act_kind) {
@@ -310,13 +308,14 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
   constexpr int LD = kBK + 8;  // padded rows: 80 bytes, keeps 16-byte alignment and spreads banks
   // kStages operand tiles in dynamic shared memory; the epilogue's per-warp 16x16 staging reuses their space
   extern __shared__ __align__(128) unsigned char smem[];
-  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= kStages * (kBM + kBN) * LD * sizeof(T), "staging");
-  auto As = reinterpret_cast<T(*)[kBM][LD]>(smem);
-  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + kStages * kBM * LD * sizeof(T));
+  constexpr int FM = BM / 32;  // 16-row fragments per warp
+  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= kStages * (BM + kBN) * LD * sizeof(T), "staging");
+  auto As = reinterpret_cast<T(*)[BM][LD]>(smem);
+  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + kStages * BM * LD * sizeof(T));
   auto Cs = reinterpret_cast<float(*)[16][20]>(smem);
-  __shared__ int32_t src_row[kBM];
+  __shared__ int32_t src_row[BM];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, each 64 x 32
+  const int wm = warp / 4, wn = warp % 4;
   const int n_tiles = (rows + kBN - 1) / kBN;
   const int n_active = w.active[0];
   const int total = w.tile_start[n_active] * n_tiles;
@@ -326,17 +325,17 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
     int i = 0;
     while (w.tile_start[i + 1] <= mt_all) ++i;
     const int e = w.active[1 + i];
-    const int m0 = (mt_all - w.tile_start[i]) * kBM, n0 = nt * kBN;
+    const int m0 = (mt_all - w.tile_start[i]) * BM, n0 = nt * kBN;
     const int count = w.counts[e], off = w.offsets[e];
     __syncthreads();  // src_row and the staging tiles of the previous item are no longer read
-    for (int r = threadIdx.x; r < kBM; r += blockDim.x) {
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
       const int p = off + m0 + r;
       src_row[r] = m0 + r < count ? (FC1 ? w.perm[p] % tokens : p) : -1;
     }
     __syncthreads();
     const T* W = weight + int64_t(e) * rows * K;
     auto load = [&](int stage, int k0) {
-      for (int c = threadIdx.x; c < kBM * kBK / 8; c += blockDim.x) {
+      for (int c = threadIdx.x; c < BM * kBK / 8; c += blockDim.x) {
         const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
         const int sr = src_row[r];
         const bool ok = sr >= 0 && k0 + kc < K;
@@ -349,9 +348,9 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
       }
       cp_async_commit();
     };
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][2];
 #pragma unroll
-    for (int a = 0; a < 4; ++a)
+    for (int a = 0; a < FM; ++a)
 #pragma unroll
       for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.f);
     // prologue: kStages - 1 tiles in flight; one commit group per k-tile (empty past the end), so that
@@ -369,14 +368,14 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
       else cp_async_commit();
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[4];
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[FM];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[2];
 #pragma unroll
-        for (int a = 0; a < 4; ++a) wmma::load_matrix_sync(af[a], &As[stage][wm * 64 + a * 16][kk], LD);
+        for (int a = 0; a < FM; ++a) wmma::load_matrix_sync(af[a], &As[stage][wm * (BM / 2) + a * 16][kk], LD);
 #pragma unroll
         for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(bf[b], &Bs[stage][wn * 32 + b * 16][kk], LD);
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
+        for (int a = 0; a < FM; ++a)
 #pragma unroll
           for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
       }
@@ -385,13 +384,13 @@ __global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
     __syncthreads();  // every warp is done with the operand tiles before they become epilogue staging
     // epilogue, one 16x16 fragment at a time through this warp's staging tile
 #pragma unroll
-    for (int a = 0; a < 4; ++a)
+    for (int a = 0; a < FM; ++a)
 #pragma unroll
       for (int b = 0; b < 2; ++b) {
         wmma::store_matrix_sync(&Cs[warp][0][0], acc[a][b], 20, wmma::mem_row_major);
         __syncwarp();
         for (int x = lane; x < 256; x += 32) {
-          const int r = m0 + wm * 64 + a * 16 + x / 16, c = n0 + wn * 32 + b * 16 + x % 16;
+          const int r = m0 + wm * (BM / 2) + a * 16 + x / 16, c = n0 + wn * 32 + b * 16 + x % 16;
           if (r < count && c < rows) {
             const float s = Cs[warp][x / 16][x % 16] + to_float(bias[int64_t(e) * rows + c]);
             const int64_t p = off + r;
@@ -447,6 +446,22 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
 }
 
 
+template <typename T, int BM>
+void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
+                 int tokens, int h, int f, int act_kind, cudaStream_t stream) {
+  const int grid = sm_count() * 2;
+  const int bytes = kStages * (BM + kBN) * (kBK + 8) * sizeof(T);
+  static bool configured = false;  // the dynamic shared-memory limit is raised once per function (per process)
+  if (!configured) {
+    cudaFuncSetAttribute(expert_gemm_kernel<T, true, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(expert_gemm_kernel<T, false, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    configured = true;
+  }
+  expert_gemm_kernel<T, true, BM><<<grid, kGemmThreads, bytes, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind);
+  expert_gemm_kernel<T, false, BM><<<grid, kGemmThreads, bytes, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b, w,
+                                                                          tokens, h, f, act_kind);
+}
+
 template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
@@ -458,23 +473,16 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
                           tile * h * sizeof(float), stream>>>(hidden, gate_weight, w.logits, tokens, h, experts, tile,
                                                               epw);
   const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
+  const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
+  const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
   topk_kernel<<<(tokens + 7) / 8, 256, 0, stream>>>(w, tokens, experts, top_k);
   route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, tokens, experts, top_k, capacity,
-                                                                             gemm ? kBM : 1);
+                                                                             gemm ? bm : 1);
   if (gemm) {
     if constexpr (sizeof(T) == 2) {
-      const int grid = sm_count() * 2;
-      const int bytes = kStages * (kBM + kBN) * (kBK + 8) * sizeof(T);
-      static bool configured = false;  // raising the dynamic shared-memory limit is a per-function attribute
-      if (!configured) {
-        cudaFuncSetAttribute(expert_gemm_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        cudaFuncSetAttribute(expert_gemm_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        configured = true;
-      }
-      expert_gemm_kernel<T, true><<<grid, kGemmThreads, bytes, stream>>>(hidden, fc1_w, fc1_b, w, tokens, f, h,
-                                                                         act_kind);
-      expert_gemm_kernel<T, false><<<grid, kGemmThreads, bytes, stream>>>(static_cast<const T*>(w.act), fc2_w, fc2_b,
-                                                                          w, tokens, h, f, act_kind);
+      if (bm == 32) launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
+      else if (bm == 64) launch_gemm<T, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
+      else launch_gemm<T, 128>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
     }
   } else {
     launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, stream);
