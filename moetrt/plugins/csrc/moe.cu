@@ -282,10 +282,14 @@ __global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
 
 template <typename T, bool FC1>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, int tokens, int rows, int K,
-                 int act_kind, cudaStream_t stream) {
-  // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight rows)
-  expert_gemv_kernel<T, FC1, 4><<<sm_count() * 8, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K,
-                                                                              act_kind);
+                 int act_kind, int assignments, cudaStream_t stream) {
+  // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight
+  // rows). With one or two assignments that leaves too few warps for FC2's 1024 rows: one row each then.
+  const int grid = sm_count() * 8;
+  if (!FC1 && assignments <= 2)
+    expert_gemv_kernel<T, FC1, 1><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
+  else
+    expert_gemv_kernel<T, FC1, 4><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
 }
 
 // ---- many tokens per expert: grouped GEMM on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate) ------------
@@ -485,8 +489,8 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
       else launch_gemm<T, 128>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
     }
   } else {
-    launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, stream);
-    launch_gemv<T, false>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
+    launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, A, stream);
+    launch_gemv<T, false>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, tokens, h, f, act_kind, A, stream);
   }
   finalize_kernel<T><<<tokens, 128, 0, stream>>>(w, residual, out, tokens, h, top_k);
   return launch_status();
