@@ -73,13 +73,17 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   }
   __syncthreads();  // the new K/V are in the cache
 
-  for (int p0 = 0; p0 < PASSES; p0 += U) {
-    Vec<T> kv[U];
+  // U passes' worth of this thread's 16-byte slices of keys (or values), loaded before any is used
+  auto load_passes = [&](Vec<T>(&dst)[U], const T* rows, int p0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
-      if (j < stop) kv[u].load(kcache + int64_t(j) * D + lane_in_group * N);
+      if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
     }
+  };
+  for (int p0 = 0; p0 < PASSES; p0 += U) {
+    Vec<T> kv[U];
+    load_passes(kv, kcache, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
@@ -110,11 +114,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   for (int i = 0; i < N; ++i) acc[i] = 0.f;
   for (int p0 = 0; p0 < PASSES; p0 += U) {
     Vec<T> vv[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = start + (p0 + u) * KPP + key_slot;
-      if (j < stop) vv[u].load(vcache + int64_t(j) * D + lane_in_group * N);
-    }
+    load_passes(vv, vcache, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
