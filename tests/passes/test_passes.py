@@ -11,6 +11,7 @@ from moetrt.compiler.export import export_checkpoint, kv_name
 from moetrt.engines.reference import ReferenceExecutor
 from moetrt.errors import MoetrtError
 from moetrt.models import KVCache, load
+from moetrt.passes.attention import ATTENTION_PASS
 from moetrt.passes.fold import FOLD
 from moetrt.passes.layernorm import LAYERNORM
 from moetrt.passes.manager import PassManager
@@ -61,6 +62,32 @@ def test_fold_then_layernorm_fuses_every_layernorm(exported, tiny_checkpoints, t
     # every one absorbed its residual Add (the first one adds the two embeddings)
     assert all(len(n.input) == 4 and n.input[1] for n in fused)
     check_against_model(lowered, tiny_checkpoints["moetrt"], tiny_config)
+
+
+def test_attention_fusion_leaves_no_attention_pieces(exported, tiny_checkpoints, tiny_config):
+    lowered = PassManager([FOLD, LAYERNORM, ATTENTION_PASS]).run(exported)
+    ops = Counter(n.op_type for n in lowered.graph.node)
+    assert ops["Attention"] == tiny_config.num_layers
+    assert ops["ScatterND"] == 0 and ops["Where"] == 0 and ops["Transpose"] == 0
+    assert ops["Softmax"] == len(tiny_config.moe_layers)  # only the MoE gates' softmax remains
+    attn = [n for n in lowered.graph.node if n.op_type == "Attention"]
+    for layer, node in enumerate(attn):
+        assert node.input[2] == "past_lengths" and node.output[1] == kv_name(layer) + "_out"
+    check_against_model(lowered, tiny_checkpoints["moetrt"], tiny_config)
+
+
+def test_attention_pass_warns_on_an_unrecognised_masked_softmax(caplog):
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3])
+    m = helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    ninf = helper.make_tensor("ninf", TensorProto.FLOAT, [], [float("-inf")])
+    nodes = [helper.make_node("Where", ["m", "ninf", "s"], ["w"]), helper.make_node("Softmax", ["w"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "sm", [s, m], [y], [ninf]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with caplog.at_level(logging.WARNING, logger="moetrt.passes"):
+        lowered = PassManager([ATTENTION_PASS]).run(model)
+    assert "attention: not fused" in caplog.text
+    assert [n.op_type for n in lowered.graph.node] == ["Where", "Softmax"]
 
 
 def test_unrecognised_layernorm_is_left_unchanged_with_a_warning(caplog):
