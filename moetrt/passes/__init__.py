@@ -1,1 +1,16 @@
-"""Graph rewrites over ``onnx_graphsurgeon.Graph`` and the pass manager (see docs/architecture.md)."""
+"""Graph rewrites over ``onnx_graphsurgeon.Graph`` and the pass manager that runs them.
+
+``PIPELINE`` is the lowering, in order: constant folding, LayerNorm (+ residual Add) fusion, attention
+fusion, MoE fusion. Each pass matches graph structure, never node names, and leaves what it does not
+recognise unchanged with a warning. Tensor-parallel sharding is not written yet.
+"""
+
+from moetrt.passes.attention import ATTENTION_PASS
+from moetrt.passes.fold import FOLD
+from moetrt.passes.layernorm import LAYERNORM
+from moetrt.passes.manager import Pass, PassManager
+from moetrt.passes.moe import MOE_PASS
+
+PIPELINE = (FOLD, LAYERNORM, ATTENTION_PASS, MOE_PASS)
+
+__all__ = ["PIPELINE", "Pass", "PassManager"]

@@ -31,8 +31,9 @@ def _producer(v):
 
 
 def _skip_cast(v):
-    p = _producer(v)
-    return p.inputs[0] if p is not None and p.op == "Cast" else v
+    while (p := _producer(v)) is not None and p.op == "Cast":
+        v = p.inputs[0]
+    return v
 
 
 def _is_last_axis_mean(node, rank_hint=None) -> bool:

@@ -11,6 +11,7 @@ from moetrt.compiler.export import export_checkpoint, kv_name
 from moetrt.engines.reference import ReferenceExecutor
 from moetrt.errors import MoetrtError
 from moetrt.models import KVCache, load
+from moetrt.passes import PIPELINE
 from moetrt.passes.attention import ATTENTION_PASS
 from moetrt.passes.fold import FOLD
 from moetrt.passes.layernorm import LAYERNORM
@@ -74,6 +75,24 @@ def test_attention_fusion_leaves_no_attention_pieces(exported, tiny_checkpoints,
     for layer, node in enumerate(attn):
         assert node.input[2] == "past_lengths" and node.output[1] == kv_name(layer) + "_out"
     check_against_model(lowered, tiny_checkpoints["moetrt"], tiny_config)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_whole_pipeline_leaves_only_plugin_nodes_for_the_hot_regions(tmp_path, tiny_config, top_k):
+    from moetrt.models.checkpoints import init_checkpoint
+    config = tiny_config.replace(top_k=top_k)
+    ck = init_checkpoint(tmp_path / "ck", config, "moetrt", torch.float32, seed=5 + top_k)
+    exported = onnx.load(str(export_checkpoint(ck, tmp_path / "onnx", torch.float32, max_batch=2, max_seq=16)))
+    lowered = PassManager(PIPELINE).run(exported)
+    ops = Counter(n.op_type for n in lowered.graph.node)
+    assert ops["MoE"] == len(config.moe_layers) and ops["Attention"] == config.num_layers
+    assert ops["AddLayerNorm"] == 2 * config.num_layers + 1
+    for op in ("Softmax", "TopK", "ReduceMean", "Pow", "Sqrt", "Einsum", "ScatterElements", "ScatterND", "Where"):
+        assert ops[op] == 0, op
+    moe = [n for n in lowered.graph.node if n.op_type == "MoE"][0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe.attribute}
+    assert attrs["top_k"] == top_k and attrs["activation_kind"] == b"gelu_tanh"
+    check_against_model(lowered, ck, config)
 
 
 def test_attention_pass_warns_on_an_unrecognised_masked_softmax(caplog):
