@@ -3,7 +3,9 @@ validates the graph after each pass (ONNX checker, shape inference) and can save
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,13 @@ class PassManager:
             raise MoetrtError(f"--dump-after: unknown pass {dump_after!r}; passes: {', '.join(names)}")
         self.passes, self.dump_after, self.dump_dir = list(passes), dump_after, dump_dir
 
-    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def run(self, model: onnx.ModelProto, base_dir: str | Path | None = None) -> onnx.ModelProto:
+        """Lower ``model``. Weights may stay in external data: pass the folder they are relative to
+        (folding through ONNX Runtime and the checker resolve them from the working directory)."""
+        with _working_directory(base_dir):
+            return self._run(model)
+
+    def _run(self, model: onnx.ModelProto) -> onnx.ModelProto:
         graph = gs.import_onnx(model)
         for p in self.passes:
             graph = p.run(graph)
@@ -55,3 +63,16 @@ class PassManager:
         result = gs.export_onnx(graph)
         result.doc_string = model.doc_string
         return result
+
+
+@contextlib.contextmanager
+def _working_directory(path):
+    if path is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
