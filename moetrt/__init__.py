@@ -8,4 +8,11 @@ CUDA kernels), ``engines`` (engine format, builders, runtime).
 from moetrt.errors import CheckpointError, ConfigError, KernelError, MoetrtError
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "KernelError", "MoetrtError", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "KernelError", "MoetrtError", "Runtime", "__version__"]
+
+
+def __getattr__(name):  # moetrt.Runtime without importing the engines at package import
+    if name == "Runtime":
+        from moetrt.engines.runtime import Runtime
+        return Runtime
+    raise AttributeError(name)

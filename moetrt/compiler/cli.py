@@ -76,19 +76,23 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     """The whole path that exists so far on the built-in tiny preset."""
+    import numpy as np
     import torch
 
+    from moetrt.compiler.pipeline import compile
+    from moetrt.compiler.validate import validate
+    from moetrt.engines.runtime import Runtime
     from moetrt.models import SamplingParams, get_preset, load
     from moetrt.models.checkpoints import FORMATS, init_checkpoint
 
     config = get_preset("tiny")
     with tempfile.TemporaryDirectory(prefix="moetrt-demo-") as tmp:
         work = Path(args.workdir or tmp)
-        print(f"[1/3] writing the tiny preset in every checkpoint format under {work}")
+        print(f"[1/5] writing the tiny preset in every checkpoint format under {work}")
         for fmt in FORMATS:
-            init_checkpoint(work / fmt, config, fmt, torch.float16, tp=2 if fmt == "fastertransformer" else 1,
+            init_checkpoint(work / fmt, config, fmt, torch.float32, tp=2 if fmt == "fastertransformer" else 1,
                             seed=args.seed, force=True)
-        print("[2/3] loading each and comparing logits of a random prompt (fp32 reference model)")
+        print("[2/5] loading each and comparing logits of a random prompt (torch reference model)")
         prompt = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(args.seed))
         models = {fmt: load(work / fmt) for fmt in FORMATS}
         ref = models[FORMATS[0]](prompt)
@@ -97,12 +101,43 @@ def cmd_demo(args) -> int:
             print(f"      {fmt:20s} max |logits - {FORMATS[0]}| = {diff:.3g}")
             if diff != 0.0:
                 raise MoetrtError(f"demo: {fmt} checkpoint gives different logits ({diff:.3g})")
-        print(f"[3/3] generating {args.max_new_tokens} tokens greedily with the torch reference model")
-        out = models[FORMATS[0]].generate([prompt[0].tolist()], args.max_new_tokens, SamplingParams())
+        print("[3/5] compiling the Megatron-DeepSpeed checkpoint (export, fold, fuse LayerNorm/attention/MoE)")
+        engine = compile(work / FORMATS[0], work / "engine", dtype="fp32", max_batch=2, max_seq=64, force=True)
+        print("[4/5] validating the engine against ONNX Runtime on the exported graph (polygraphy)")
+        if not validate(engine, verbose=False):
+            raise MoetrtError("demo: the engine does not match the exported graph")
+        print(f"[5/5] generating {args.max_new_tokens} tokens greedily with the engine (CPU reference runtime)")
+        runtime = Runtime(engine, device="cpu")
+        out = runtime.generate([prompt[0].tolist()], args.max_new_tokens)
+        want = models[FORMATS[0]].generate([prompt[0].tolist()], args.max_new_tokens, SamplingParams())
         print(f"      prompt ids:    {prompt[0].tolist()}")
         print(f"      generated ids: {out[0]}")
-    print("demo: ok (checkpoints + reference model; compile and GPU runtime are not built yet)")
+        if out != want:
+            raise MoetrtError(f"demo: engine tokens {out[0]} differ from the torch model's {want[0]}")
+        print("      identical to the torch reference model's greedy tokens")
+        logits_diff = float(np.abs(runtime.logits(prompt.numpy()) - ref.numpy()).max())
+        print(f"      engine logits vs torch: max abs difference {logits_diff:.2e}")
+    print("demo: ok (GPU runtime not built yet: the engine ran on the CPU reference executor)")
     return 0
+
+
+def cmd_compile(args) -> int:
+    from moetrt.compiler.pipeline import compile
+
+    start = time.perf_counter()
+    out = compile(args.checkpoint, args.output, tp=args.tp, dtype=args.dtype, max_batch=args.max_batch,
+                  max_seq=args.max_seq, logits=args.logits, dump_after=args.dump_after, force=args.force,
+                  progress=not args.quiet)
+    print(f"compiled {args.checkpoint} to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from moetrt.compiler.validate import validate
+
+    ok = validate(args.engine, args.checkpoint, steps=args.steps, rtol=args.rtol, atol=args.atol)
+    print(f"validate: {'PASSED' if ok else 'FAILED'}: {args.engine} against ONNX Runtime on its exported graph")
+    return 0 if ok else 1
 
 
 def cmd_bench(args) -> int:
@@ -159,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compile", help="compile a checkpoint into an engine directory",
+                       description="Export the checkpoint's step graph to ONNX, lower it with the graph passes "
+                                   "and write the engine directory (engine.json + rank0/model.onnx + weights).")
+    p.add_argument("checkpoint", help="checkpoint folder (any supported format)")
+    p.add_argument("-o", "--output", required=True, help="engine directory to write")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1; > 1 not implemented yet)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="engine dtype (default fp16)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the KV cache holds (default 8)")
+    p.add_argument("--max-seq", type=int, default=None, help="longest sequence (default: the model's positions)")
+    p.add_argument("--logits", choices=("all", "last"), default="all",
+                   help="logits of every position, or of each sequence's last token (default all)")
+    p.add_argument("--dump-after", metavar="PASS", help="also save the graph after this pass (under OUTPUT/dumps)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("validate", help="compare an engine with ONNX Runtime on the exported graph",
+                       description="polygraphy Comparator: ONNX Runtime on the un-lowered exported graph vs the "
+                                   "engine (CPU reference executor), over a prefill and decode steps. Exit 1 on mismatch.")
+    p.add_argument("engine", help="engine directory")
+    p.add_argument("--checkpoint", help="the checkpoint it was compiled from (default: the path in engine.json)")
+    p.add_argument("--steps", type=int, default=3, help="decode steps after the prefill (default 3)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("bench", help="benchmark kernels against their floors and PyTorch",
                        description="Benchmark: `moetrt bench kernels` times each CUDA kernel against the device's "

@@ -2,3 +2,7 @@
 
 Must not import torch at run time.
 """
+
+from moetrt.engines.runtime import Runtime  # noqa: E402
+
+__all__ = ["Runtime"]

@@ -1,0 +1,115 @@
+"""``Runtime``: run an engine directory. ``device="cpu"`` evaluates each rank's lowered graph with the CPU
+reference executor (validation speed, exact to the plugin specs); the GPU runtime is not built yet.
+
+Ragged prompts are prefilled together, right-padded: the padding of a shorter prompt lands in cache slots
+that its own decode steps overwrite before any query may see them (the causal mask hides slots beyond each
+query's position), so a sequence never attends to padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moetrt.engines.format import EngineManifest
+from moetrt.engines.sampling import check_params, sample
+from moetrt.errors import MoetrtError
+
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
+
+
+class Runtime:
+    def __init__(self, engine_dir: str | Path, device: str = "cpu"):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = EngineManifest.read(self.engine_dir)
+        self.config = self.manifest.config
+        if device != "cpu":
+            raise MoetrtError(f"device {device!r}: only the CPU reference runtime exists so far (device='cpu')")
+        if self.manifest.tensor_parallel != 1:
+            raise MoetrtError("tensor-parallel engines cannot be run yet")
+        from moetrt.engines.reference import ReferenceExecutor
+        self.executor = ReferenceExecutor(self.engine_dir / "rank0" / "model.onnx")
+        self.cache_dtype = _NP_DTYPES[self.manifest.dtype]
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def new_cache(self) -> list[np.ndarray]:
+        shape = self.manifest.kv_cache_shape()
+        return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+
+    def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, cache: list[np.ndarray]):
+        """One graph execution; returns (logits, new cache)."""
+        ids = np.asarray(input_ids, dtype=np.int32)
+        past = np.asarray(past_lengths, dtype=np.int32)
+        feeds = {"input_ids": ids, "position_ids": (past[:, None] + np.arange(ids.shape[1])).astype(np.int32),
+                 "past_lengths": past}
+        feeds.update({f"kv_cache_{l}": c for l, c in enumerate(cache)})
+        out = self.executor.run(feeds)
+        return out["logits"], [out[f"kv_cache_{l}_out"] for l in range(self.config.num_layers)]
+
+    def _check(self, ids: np.ndarray, past: np.ndarray | None = None) -> None:
+        m, c = self.manifest, self.config
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise MoetrtError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
+        if ids.shape[0] > m.max_batch:
+            raise MoetrtError(f"batch {ids.shape[0]} exceeds the engine's max batch {m.max_batch}")
+        longest = ids.shape[1] + (0 if past is None else int(past.max()))
+        if longest > m.max_seq:
+            raise MoetrtError(f"sequence length {longest} exceeds the engine's max sequence {m.max_seq}")
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise MoetrtError(f"token id out of range [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
+
+    # -- public API --------------------------------------------------------------------------------------
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits ``[B, T, V]`` of every position of a prefill (engines compiled with ``--logits all``)."""
+        if self.manifest.logits != "all":
+            raise MoetrtError("logits(): this engine returns only each sequence's last logits; compile with --logits all")
+        ids = np.asarray(input_ids)
+        self._check(ids)
+        logits, _ = self.step(ids, np.zeros(ids.shape[0], np.int32), self.new_cache())
+        return logits.astype(np.float32)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
+                 callback: Callable[[int, list], None] | None = None) -> list[list[int]]:
+        """New tokens for each prompt (a stop token ends its sequence and is kept)."""
+        check_params(temperature, top_k, top_p)
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise MoetrtError("generate: every prompt needs at least one token")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        padded = np.zeros((len(prompts), lengths.max()), np.int64)
+        for b, p in enumerate(prompts):
+            padded[b, :len(p)] = p
+        self._check(padded)
+        if lengths.max() + max_new_tokens > self.manifest.max_seq:
+            raise MoetrtError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                              f"max sequence {self.manifest.max_seq}")
+        rng = np.random.default_rng(seed)
+        logits, cache = self.step(padded, np.zeros(len(prompts), np.int32), self.new_cache())
+        last = logits[np.arange(len(prompts)), lengths - 1] if self.manifest.logits == "all" else None
+        if last is None:  # last-token engines: the padded prompts' last logits are not each prompt's last
+            raise MoetrtError("generate on the CPU runtime needs an engine compiled with --logits all")
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        stops = set(map(int, stop_tokens))
+        past = lengths.copy()
+        for step in range(max_new_tokens):
+            tokens = sample(last, temperature, top_k, top_p, rng)
+            emitted = []
+            for b, t in enumerate(tokens.tolist()):
+                if done[b]:
+                    emitted.append(None)
+                    continue
+                outputs[b].append(t)
+                emitted.append(t)
+                done[b] = t in stops
+            if callback is not None:
+                callback(step, emitted)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits, cache = self.step(tokens[:, None], past, cache)
+            last = logits[:, -1]
+            past = past + 1
+        return outputs

@@ -1,0 +1,96 @@
+"""compile -> engine directory -> CPU Runtime and validate, against the torch reference model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moetrt.compiler.cli import main
+from moetrt.compiler.pipeline import compile
+from moetrt.compiler.validate import validate
+from moetrt.engines.format import EngineManifest
+from moetrt.engines.runtime import Runtime
+from moetrt.errors import MoetrtError
+from moetrt.models import load
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_checkpoints):
+    return compile(tiny_checkpoints["fastertransformer"], tmp_path_factory.mktemp("eng") / "e", dtype="fp32",
+                   max_batch=3, max_seq=48)
+
+
+def test_engine_directory_layout(engine, tiny_config):
+    manifest = json.loads((engine / "engine.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["tensor_parallel"] == 1
+    assert manifest["model"] == tiny_config.to_dict() and manifest["checkpoint"]["format"] == "fastertransformer"
+    assert manifest["bindings"]["inputs"]["kv_cache_0"]["shape"] == [2, 3, 4, 48, 16]
+    assert (engine / "rank0" / "model.onnx").is_file() and (engine / "rank0" / "weights.bin").is_file()
+    assert EngineManifest.read(engine).max_seq == 48
+
+
+def test_runtime_logits_and_greedy_tokens_match_the_model(engine, tiny_checkpoints, tiny_config):
+    model = load(tiny_checkpoints["moetrt"])
+    runtime = Runtime(engine)
+    ids = np.random.default_rng(3).integers(0, tiny_config.vocab_size, (3, 9))
+    np.testing.assert_allclose(runtime.logits(ids), model(torch.tensor(ids)).numpy(), rtol=1e-4, atol=1e-4)
+    prompts = [[5, 9, 2], [7], [1, 2, 3, 4, 5, 6, 7]]
+    assert runtime.generate(prompts, 12) == model.generate(prompts, 12)
+
+
+def test_runtime_sampling_and_streaming(engine):
+    runtime = Runtime(engine)
+    a = runtime.generate([[1, 2]], 6, temperature=1.0, top_p=0.9, seed=4)
+    assert a == runtime.generate([[1, 2]], 6, temperature=1.0, top_p=0.9, seed=4)
+    assert runtime.generate([[1, 2]], 6, temperature=0.8, top_k=1, seed=1) == runtime.generate([[1, 2]], 6)
+    seen = []
+    greedy = runtime.generate([[3, 4]], 6)
+    stop = greedy[0][2]
+    out = runtime.generate([[3, 4]], 6, stop_tokens=[stop], callback=lambda s, t: seen.append(t[0]))
+    assert out[0] == greedy[0][:greedy[0].index(stop) + 1] and seen == out[0]
+
+
+def test_runtime_rejects_bad_input(engine):
+    runtime = Runtime(engine)
+    with pytest.raises(MoetrtError, match="batch 4 exceeds the engine's max batch 3"):
+        runtime.logits(np.zeros((4, 2), np.int64))
+    with pytest.raises(MoetrtError, match="token id out of range"):
+        runtime.logits(np.array([[512]]))
+    with pytest.raises(MoetrtError, match="exceeds the engine's max sequence 48"):
+        runtime.generate([[1] * 40], 10)
+    with pytest.raises(MoetrtError, match="only the CPU reference runtime"):
+        Runtime(engine, device="cuda")
+
+
+def test_validate_passes_and_detects_a_tampered_engine(engine, tiny_checkpoints, tmp_path):
+    assert validate(engine, verbose=False)
+    bad = compile(tiny_checkpoints["moetrt"], tmp_path / "bad", dtype="fp32", max_batch=3, max_seq=48)
+    data = np.memmap(bad / "rank0" / "weights.bin", dtype=np.float32, mode="r+")
+    data[:512 * 64] *= 1.5  # the token embeddings
+    data.flush()
+    del data
+    assert not validate(bad, verbose=False)
+
+
+def test_compile_errors_are_named(tiny_checkpoints, tmp_path):
+    with pytest.raises(MoetrtError, match=r"--tp 3: must divide num_heads \(4\)"):
+        compile(tiny_checkpoints["moetrt"], tmp_path / "a", tp=3)
+    with pytest.raises(MoetrtError, match="--max-seq must be in 1..256"):
+        compile(tiny_checkpoints["moetrt"], tmp_path / "b", max_seq=1000)
+    with pytest.raises(MoetrtError, match="not a recognised checkpoint"):
+        compile(tmp_path, tmp_path / "c")
+    with pytest.raises(MoetrtError, match="--dump-after: unknown pass 'bogus'"):
+        compile(tiny_checkpoints["moetrt"], tmp_path / "d", dump_after="bogus")
+    assert not (tmp_path / "d").exists()  # nothing half-written
+    with pytest.raises(MoetrtError, match="not an engine directory"):
+        Runtime(tmp_path)
+
+
+def test_cli_compile_and_validate(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["compile", str(tiny_checkpoints["megatron-deepspeed"]), "-o", str(out), "--dtype", "fp32",
+                 "--max-batch", "2", "--max-seq", "32", "--dump-after", "attention", "--quiet"]) == 0
+    assert (out / "dumps" / "after_attention.onnx").is_file()
+    assert main(["validate", str(out), "--steps", "2"]) == 0
+    assert "validate: PASSED" in capsys.readouterr().out
