@@ -20,6 +20,57 @@ from moetrt.passes import PIPELINE, PassManager
 log = logging.getLogger("moetrt.compile")
 
 
+def shard_model(lowered: onnx.ModelProto, rank: int, tp: int, base_dir: Path) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    from moetrt.passes.manager import _working_directory
+    from moetrt.passes.shard import shard_graph
+
+    with _working_directory(base_dir):  # sliced weights are read from the unsharded external data
+        graph = shard_graph(gs.import_onnx(lowered), rank, tp)
+        model = gs.export_onnx(graph)
+    model.opset_import.extend([i for i in lowered.opset_import if i.domain not in {o.domain for o in model.opset_import}])
+    model.doc_string = lowered.doc_string
+    return model
+
+
+def write_rank(model: onnx.ModelProto, src_dir: Path, dst_dir: Path) -> None:
+    """Save ``model`` with every initializer moved, one at a time, into ``dst_dir/weights.bin``."""
+    import numpy as np
+    from onnx.external_data_helper import uses_external_data
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    offset = 0
+    with open(dst_dir / "weights.bin", "wb") as out:
+        for tensor in model.graph.initializer:
+            info = {e.key: e.value for e in tensor.external_data}
+            if uses_external_data(tensor) and "location" in info and not tensor.raw_data:
+                with open(src_dir / info["location"], "rb") as f:  # untouched: copy its bytes over
+                    f.seek(int(info.get("offset", 0)))
+                    data = f.read(int(info["length"]))
+            else:  # sliced or folded here: the bytes are inline (graphsurgeon may leave a stale location flag)
+                data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
+            if len(data) < 1024:  # small tensors stay inline
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = data
+                continue
+            pad = (-offset) % 64
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            tensor.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+    onnx.save(model, str(dst_dir / "model.onnx"))
+
+
 def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str = "fp16", max_batch: int = 8,
             max_seq: int | None = None, logits: str = "all", dump_after: str | None = None, force: bool = False,
             progress: bool = False) -> Path:
@@ -36,17 +87,15 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
     max_seq = max_seq or config.max_position_embeddings
     if not 1 <= max_seq <= config.max_position_embeddings:
         raise MoetrtError(f"--max-seq must be in 1..{config.max_position_embeddings} (the model's positions), got {max_seq}")
-    if tp < 1 or config.num_heads % tp or config.ffn_hidden_size % tp:
+    if not isinstance(tp, int) or tp < 1 or config.num_heads % tp or config.ffn_hidden_size % tp:
         raise MoetrtError(f"--tp {tp}: must divide num_heads ({config.num_heads}) and ffn_hidden_size "
                           f"({config.ffn_hidden_size})")
-    if tp > 1:
-        raise MoetrtError("--tp > 1: tensor-parallel sharding is not implemented yet (compile with --tp 1)")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise MoetrtError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
         shutil.rmtree(out_dir)
     start = time.perf_counter()
-    rank_dir = out_dir / "rank0"
+    rank_dir = out_dir / ("rank0" if tp == 1 else "export")
     try:
         say = print if progress else log.info
         say(f"[1/3] exporting the step graph ({config.num_layers} layers, {dtype}, max batch {max_batch}, "
@@ -56,7 +105,13 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
         say(f"[2/3] lowering: {', '.join(p.name for p in PIPELINE)}")
         manager = PassManager(PIPELINE, dump_after, out_dir / "dumps")
         lowered = manager.run(onnx.load(str(exported), load_external_data=False), base_dir=rank_dir)
-        onnx.save(lowered, str(exported))  # weights stay in rank0/weights.bin, referenced by name
+        if tp == 1:
+            onnx.save(lowered, str(exported))  # weights stay in rank0/weights.bin, referenced by name
+        else:
+            for rank in range(tp):
+                say(f"      sharding rank {rank} of {tp}")
+                write_rank(shard_model(lowered, rank, tp, rank_dir), rank_dir, out_dir / f"rank{rank}")
+            shutil.rmtree(rank_dir)
         say("[3/3] writing the manifest")
         EngineManifest(model=config.to_dict(), dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                        tensor_parallel=tp, logits=logits,

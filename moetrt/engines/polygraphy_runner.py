@@ -27,13 +27,13 @@ class MoetrtRunner(BaseRunner):
         for name in ("input_ids", "position_ids"):
             meta.add(name, dtype=np.int32, shape=["batch", "tokens"])
         meta.add("past_lengths", dtype=np.int32, shape=["batch"])
-        for l in range(self.runtime.config.num_layers):
-            meta.add(f"kv_cache_{l}", dtype=self.runtime.cache_dtype, shape=self.runtime.manifest.kv_cache_shape())
+        for l, cache in enumerate(self.runtime.new_cache()):
+            meta.add(f"kv_cache_{l}", dtype=self.runtime.cache_dtype, shape=list(cache.shape))
         return meta
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
-        outputs = OrderedDict(self.runtime.executor.run(dict(feed_dict)))
+        outputs = OrderedDict(self.runtime.run(dict(feed_dict)))
         self.inference_time = time.perf_counter() - start
         return outputs
 

@@ -8,6 +8,7 @@ Slow, exact to the specs, and for validation only.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,35 @@ def _op_class(spec: OpSpec) -> type[OpRun]:
     return type(spec.op_type, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
 
 
-PLUGIN_OPS = [_op_class(spec) for spec in SPECS.values()]
+_rank_context = threading.local()
+
+
+class _Exchange:
+    """Sums one AllReduce's inputs over the ranks (threads), in rank order: deterministic."""
+
+    def __init__(self, ranks: int):
+        self.barrier = threading.Barrier(ranks)
+        self.slots: list = [None] * ranks
+
+    def all_reduce(self, rank: int, x: np.ndarray) -> np.ndarray:
+        self.slots[rank] = x
+        self.barrier.wait()
+        total = self.slots[0].astype(np.float64)
+        for other in self.slots[1:]:
+            total = total + other
+        self.barrier.wait()  # nobody overwrites a slot before every rank has summed
+        return total.astype(x.dtype)
+
+
+class AllReduce(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, tp_size=None, plugin_version=None, plugin_namespace=None):
+        ctx = getattr(_rank_context, "value", None)
+        return (x if ctx is None else ctx[0].all_reduce(ctx[1], x),)
+
+
+PLUGIN_OPS = [_op_class(spec) for name, spec in SPECS.items() if name != "AllReduce"] + [AllReduce]
 
 
 class ReferenceExecutor:
@@ -56,3 +85,35 @@ class ReferenceExecutor:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.evaluator.run(None, feeds)
         return dict(zip(self.output_names, outputs))
+
+
+class ShardedReferenceExecutor:
+    """Tensor-parallel ranks simulated in one process: one thread per rank graph, AllReduce summing
+    across them. ``run`` takes each rank's feeds and returns each rank's outputs."""
+
+    def __init__(self, models: list):
+        self.ranks = [ReferenceExecutor(m) for m in models]
+
+    def run(self, feeds_per_rank: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        if len(self.ranks) == 1:
+            return [self.ranks[0].run(feeds_per_rank[0])]
+        exchange = _Exchange(len(self.ranks))
+        results: list = [None] * len(self.ranks)
+        errors: list = []
+
+        def work(r):
+            _rank_context.value = (exchange, r)
+            try:
+                results[r] = self.ranks[r].run(feeds_per_rank[r])
+            except BaseException as exc:  # surface it, and release the others
+                errors.append(exc)
+                exchange.barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(len(self.ranks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return results

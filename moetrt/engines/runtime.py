@@ -27,16 +27,33 @@ class Runtime:
         self.config = self.manifest.config
         if device != "cpu":
             raise MoetrtError(f"device {device!r}: only the CPU reference runtime exists so far (device='cpu')")
-        if self.manifest.tensor_parallel != 1:
-            raise MoetrtError("tensor-parallel engines cannot be run yet")
-        from moetrt.engines.reference import ReferenceExecutor
-        self.executor = ReferenceExecutor(self.engine_dir / "rank0" / "model.onnx")
+        from moetrt.engines.reference import ShardedReferenceExecutor
+        self.tp = self.manifest.tensor_parallel
+        self.executor = ShardedReferenceExecutor(
+            [self.engine_dir / f"rank{r}" / "model.onnx" for r in range(self.tp)])
         self.cache_dtype = _NP_DTYPES[self.manifest.dtype]
 
     # -- one step ----------------------------------------------------------------------------------------
     def new_cache(self) -> list[np.ndarray]:
+        """The whole model's cache, one ``[2, max_batch, heads, max_seq, head_dim]`` array per layer (each
+        tensor-parallel rank holds its own heads' slice; ``run`` splits and merges)."""
         shape = self.manifest.kv_cache_shape()
+        shape[2] *= self.tp
         return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One execution of the step graph on unsharded feeds (caches split over the ranks' heads)."""
+        per_rank = [dict(feeds) for _ in range(self.tp)]
+        for name, value in feeds.items():
+            if name.startswith("kv_cache_"):
+                for r, part in enumerate(np.split(value, self.tp, axis=2)):
+                    per_rank[r][name] = np.ascontiguousarray(part)
+        outs = self.executor.run(per_rank)
+        merged = dict(outs[0])
+        for name in merged:
+            if name.startswith("kv_cache_"):
+                merged[name] = np.concatenate([o[name] for o in outs], axis=2)
+        return merged
 
     def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, cache: list[np.ndarray]):
         """One graph execution; returns (logits, new cache)."""
@@ -45,7 +62,7 @@ class Runtime:
         feeds = {"input_ids": ids, "position_ids": (past[:, None] + np.arange(ids.shape[1])).astype(np.int32),
                  "past_lengths": past}
         feeds.update({f"kv_cache_{l}": c for l, c in enumerate(cache)})
-        out = self.executor.run(feeds)
+        out = self.run(feeds)
         return out["logits"], [out[f"kv_cache_{l}_out"] for l in range(self.config.num_layers)]
 
     def _check(self, ids: np.ndarray, past: np.ndarray | None = None) -> None:

@@ -196,4 +196,15 @@ MOE = OpSpec(
     reference=moe_reference,
     doc="Top-k gated experts: gate softmax in fp32, routing and capacity as DeepSpeed (see models.gpt_moe.route).")
 
-SPECS: dict[str, OpSpec] = {s.op_type: s for s in (ADD_LAYERNORM, BIAS_ACT, EMBEDDING, ATTENTION, MOE)}
+def all_reduce_reference(x, tp_size=1):
+    """One rank's view: the sum over ranks is formed by the executor (``ReferenceExecutor`` with ranks)."""
+    return np.asarray(x)
+
+
+ALL_REDUCE = OpSpec(
+    "AllReduce", "1",
+    inputs=(TensorDesc("x", "T", ("...",)),), outputs=(TensorDesc("y", "T", ("...",)),),
+    attributes={"tp_size": 1}, reference=all_reduce_reference,
+    doc="y = sum of x over the tp_size tensor-parallel ranks (NCCL all-reduce on GPUs).")
+
+SPECS: dict[str, OpSpec] = {s.op_type: s for s in (ADD_LAYERNORM, BIAS_ACT, EMBEDDING, ATTENTION, MOE, ALL_REDUCE)}

@@ -94,3 +94,24 @@ def test_cli_compile_and_validate(tiny_checkpoints, tmp_path, capsys):
     assert (out / "dumps" / "after_attention.onnx").is_file()
     assert main(["validate", str(out), "--steps", "2"]) == 0
     assert "validate: PASSED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_engines_equal_tp1(tiny_checkpoints, tiny_config, tmp_path, tp):
+    import onnx
+    from collections import Counter
+    single = Runtime(compile(tiny_checkpoints["moetrt"], tmp_path / "tp1", dtype="fp32", max_batch=2, max_seq=32))
+    engine = compile(tiny_checkpoints["moetrt"], tmp_path / f"tp{tp}", tp=tp, dtype="fp32", max_batch=2, max_seq=32)
+    manifest = json.loads((engine / "engine.json").read_text())
+    assert manifest["tensor_parallel"] == tp
+    assert manifest["bindings"]["inputs"]["kv_cache_0"]["shape"] == [2, 2, 4 // tp, 32, 16]
+    for r in range(tp):
+        ops = Counter(n.op_type for n in onnx.load(str(engine / f"rank{r}" / "model.onnx")).graph.node)
+        # one all-reduce after each row-parallel projection: attention out, dense fc2, MoE
+        assert ops["AllReduce"] == tiny_config.num_layers + tiny_config.num_layers
+    sharded = Runtime(engine)
+    ids = np.random.default_rng(tp).integers(0, tiny_config.vocab_size, (2, 7))
+    np.testing.assert_allclose(sharded.logits(ids), single.logits(ids), rtol=1e-5, atol=1e-5)
+    prompts = [[4, 8, 15, 16], [23, 42]]
+    assert sharded.generate(prompts, 10) == single.generate(prompts, 10)
+    assert validate(engine, verbose=False)
