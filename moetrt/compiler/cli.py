@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder (any supported format)")
     p.add_argument("-o", "--output", required=True, help="engine directory to write")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: must divide heads and ffn (default 1)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="engine dtype (default fp16)")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="engine dtype (default fp16)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the KV cache holds (default 8)")
     p.add_argument("--max-seq", type=int, default=None, help="longest sequence (default: the model's positions)")
     p.add_argument("--logits", choices=("all", "last"), default="all",

@@ -76,6 +76,9 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
             progress: bool = False) -> Path:
     """Build the engine directory for ``checkpoint``; returns its path."""
     out_dir = Path(out_dir)
+    if dtype == "bf16":
+        raise MoetrtError("--dtype bf16: not supported yet (the exported graph's Einsum has no bfloat16 at ONNX "
+                          "opset 17, and the CPU executors have no bf16 arithmetic); use fp16 or fp32")
     if dtype not in DTYPES:
         raise MoetrtError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if logits not in ("all", "last"):

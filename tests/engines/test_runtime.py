@@ -80,11 +80,22 @@ def test_compile_errors_are_named(tiny_checkpoints, tmp_path):
         compile(tiny_checkpoints["moetrt"], tmp_path / "b", max_seq=1000)
     with pytest.raises(MoetrtError, match="not a recognised checkpoint"):
         compile(tmp_path, tmp_path / "c")
+    with pytest.raises(MoetrtError, match="--dtype bf16: not supported yet"):
+        compile(tiny_checkpoints["moetrt"], tmp_path / "e", dtype="bf16")
     with pytest.raises(MoetrtError, match="--dump-after: unknown pass 'bogus'"):
         compile(tiny_checkpoints["moetrt"], tmp_path / "d", dump_after="bogus")
     assert not (tmp_path / "d").exists()  # nothing half-written
     with pytest.raises(MoetrtError, match="not an engine directory"):
         Runtime(tmp_path)
+
+
+def test_compiling_a_malformed_checkpoint_names_the_file_and_tensor(tiny_config, tmp_path):
+    from moetrt.models.checkpoints import init_checkpoint
+    ck = init_checkpoint(tmp_path / "ft", tiny_config, "fastertransformer", torch.float16, tp=2)
+    (ck / "model.layers.2.mlp.dense_h_to_4h.weight.1.bin").unlink()
+    with pytest.raises(MoetrtError, match=r"dense_h_to_4h.weight.1.bin: missing file for tensor layers.2.mlp.fc1.weight"):
+        compile(ck, tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
 
 
 def test_cli_compile_and_validate(tiny_checkpoints, tmp_path, capsys):
