@@ -16,6 +16,7 @@ import numpy as np
 from moetrt.engines.format import EngineManifest
 from moetrt.engines.sampling import check_params, sample
 from moetrt.errors import MoetrtError
+from moetrt.generation import Streams
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 
@@ -108,25 +109,13 @@ class Runtime:
         last = logits[np.arange(len(prompts)), lengths - 1] if self.manifest.logits == "all" else None
         if last is None:  # last-token engines: the padded prompts' last logits are not each prompt's last
             raise MoetrtError("generate on the CPU runtime needs an engine compiled with --logits all")
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        stops = set(map(int, stop_tokens))
+        streams = Streams(len(prompts), stop_tokens, callback)
         past = lengths.copy()
         for step in range(max_new_tokens):
             tokens = sample(last, temperature, top_k, top_p, rng)
-            emitted = []
-            for b, t in enumerate(tokens.tolist()):
-                if done[b]:
-                    emitted.append(None)
-                    continue
-                outputs[b].append(t)
-                emitted.append(t)
-                done[b] = t in stops
-            if callback is not None:
-                callback(step, emitted)
-            if all(done) or step == max_new_tokens - 1:
+            if streams.emit(step, tokens.tolist()) or step == max_new_tokens - 1:
                 break
             logits, cache = self.step(tokens[:, None], past, cache)
             last = logits[:, -1]
             past = past + 1
-        return outputs
+        return streams.outputs

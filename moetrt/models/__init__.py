@@ -5,37 +5,17 @@ Knows nothing of ONNX or engines.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-from tqdm import tqdm
-
-from moetrt.errors import CheckpointError
-from moetrt.models.checkpoints import open_checkpoint
+# Only the torch-free pieces are imported eagerly: the runtime reads ModelConfig without importing torch.
 from moetrt.models.config import PRESETS, ModelConfig, get_preset
-from moetrt.models.gpt_moe import GPTMoE, KVCache
-from moetrt.models.sampling import SamplingParams
 
 __all__ = ["PRESETS", "GPTMoE", "KVCache", "ModelConfig", "SamplingParams", "get_preset", "load"]
 
+_LAZY = {"GPTMoE": "moetrt.models.gpt_moe", "KVCache": "moetrt.models.gpt_moe",
+         "SamplingParams": "moetrt.models.sampling", "load": "moetrt.models.loading"}
 
-def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, overrides: dict | None = None,
-         progress: bool = False) -> GPTMoE:
-    """The reference model with the weights of any supported checkpoint (format detected).
 
-    Tensors are streamed into parameters allocated once, so peak memory is the model in ``dtype``
-    plus the largest single tensor (one MoE layer's stacked expert weight).
-    """
-    with open_checkpoint(checkpoint_dir, overrides) as reader:
-        with torch.device("meta"):
-            model = GPTMoE(reader.config, dtype)
-        model = model.to_empty(device="cpu")
-        params = dict(model.named_parameters())
-        names = reader.names()
-        if set(names) != set(params):
-            raise CheckpointError(f"{checkpoint_dir}: tensors do not match the model: "
-                                  f"{sorted(set(names) ^ set(params))[:5]}")
-        for name in tqdm(names, desc="loading", unit="tensor", disable=not progress):
-            with torch.no_grad():
-                params[name].copy_(reader.get(name))
-    return model.eval()
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moetrt.models' has no attribute {name!r}")

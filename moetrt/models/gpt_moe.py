@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrt.errors import MoetrtError
+from moetrt.generation import Streams
 from moetrt.models.config import ModelConfig
 from moetrt.models.sampling import SamplingParams, sample
 from moetrt.models.weights import GATE_DTYPE
@@ -303,24 +304,11 @@ class GPTMoE(nn.Module):
         for b, p in enumerate(prompts):
             last[b] = self(torch.tensor([p]), kv_cache=cache.select(b, b + 1))[0, -1].float()
         lengths = torch.tensor([len(p) for p in prompts])
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * B
-        stops = set(int(s) for s in stop_tokens)
+        streams = Streams(B, stop_tokens, callback)
         for step in range(max_new_tokens):
             tokens = sample(last, sampling, generator)
-            emitted = []
-            for b in range(B):
-                if done[b]:
-                    emitted.append(None)
-                    continue
-                t = int(tokens[b])
-                outputs[b].append(t)
-                emitted.append(t)
-                done[b] = t in stops
-            if callback is not None:
-                callback(step, emitted)
-            if all(done) or step == max_new_tokens - 1:
+            if streams.emit(step, tokens.tolist()) or step == max_new_tokens - 1:
                 break
             last = self(tokens[:, None], kv_cache=cache, past_lengths=lengths)[:, -1].float()
             lengths = lengths + 1
-        return outputs
+        return streams.outputs

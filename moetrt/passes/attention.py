@@ -47,6 +47,16 @@ def _consumer(v, *ops):
     return users[0]
 
 
+def through(node: gs.Node, op: str) -> tuple[gs.Node, gs.Variable]:
+    """``node`` and its output, or the single ``op`` node after it (an Identity or Cast the exporter added)
+    and that node's output: the last node to disconnect and the tensor a fused node must produce."""
+    out = node.outputs[0]
+    if len(out.outputs) == 1 and out.outputs[0].op == op:
+        node = out.outputs[0]
+        out = node.outputs[0]
+    return node, out
+
+
 def _cache_side(v):
     """From the K (or V) operand of a MatMul back to (cache input, the updated half kc|vc)."""
     sliced = _producer(v, "Slice")
@@ -73,11 +83,7 @@ def _match(softmax: gs.Node, past_lengths):
     concat = _consumer(_consumer(kc, "Unsqueeze").outputs[0], "Concat")
     if _consumer(vc, "Unsqueeze").outputs[0] not in concat.inputs:
         raise NoMatch("the updated K and V are not stacked into one cache output")
-    cache_out = concat.outputs[0]
-    tail = concat
-    if len(cache_out.outputs) == 1 and cache_out.outputs[0].op == "Identity":
-        tail = cache_out.outputs[0]
-        cache_out = tail.outputs[0]
+    tail, cache_out = through(concat, "Identity")
     if past_lengths is None:
         raise NoMatch("the graph has no past_lengths input")
     return qkv, cache, reshape, tail, cache_out

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from moetrt.passes.attention import NoMatch, _producer
+from moetrt.passes.attention import NoMatch, _producer, through
 from moetrt.passes.manager import Pass
 from moetrt.plugins.specs import DOMAIN, MOE
 
@@ -90,11 +90,7 @@ def _match(final: gs.Node):
         raise NoMatch("the experts do not read the gate's tokens")
     if kind is None:
         raise NoMatch("the activation is neither tanh-GeLU nor erf-GeLU")
-    out = final.outputs[0]
-    tail = final
-    if len(out.outputs) == 1 and out.outputs[0].op == "Cast":
-        tail = out.outputs[0]
-        out = tail.outputs[0]
+    tail, out = through(final, "Cast")
     weights = [gate_w, _strip_casts(fc1.inputs[1]), _strip_casts(_other(add_b1, e1)), _strip_casts(fc2.inputs[1]), b2]
     return tokens, weights, int(np.asarray(k.values).reshape(-1)[0]), kind, tail, out
 
