@@ -1,4 +1,2 @@
-"""Compiler: export to ONNX, the ``compile()`` pipeline (models -> passes -> engines), and the CLI.
-
-Export and the pipeline arrive with the passes issue; the CLI lives in ``moetrt.compiler.cli``.
-"""
+"""Compiler: export to ONNX (``export``), the ``compile()`` pipeline models -> passes -> engines
+(``pipeline``), polygraphy validation (``validate``) and the CLI (``cli``)."""

@@ -1,7 +1,5 @@
-"""Engine directory format, builders, runtime, CPU reference executor (see docs/architecture.md).
-
-Must not import torch at run time.
-"""
+"""Engine directory format (``format``), the CPU reference executor (``reference``), the runtime
+(``runtime``) and its polygraphy runner. Imports no torch (tested)."""
 
 from moetrt.engines.runtime import Runtime  # noqa: E402
 

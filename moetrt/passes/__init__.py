@@ -2,7 +2,8 @@
 
 ``PIPELINE`` is the lowering, in order: constant folding, LayerNorm (+ residual Add) fusion, attention
 fusion, MoE fusion. Each pass matches graph structure, never node names, and leaves what it does not
-recognise unchanged with a warning. Tensor-parallel sharding is not written yet.
+recognise unchanged with a warning. Tensor-parallel sharding (``shard.shard_graph``) then runs once per
+rank on the lowered graph.
 """
 
 from moetrt.passes.attention import ATTENTION_PASS
