@@ -20,38 +20,52 @@ from moetrt.passes import PIPELINE, PassManager
 log = logging.getLogger("moetrt.compile")
 
 
-def shard_model(lowered: onnx.ModelProto, rank: int, tp: int, base_dir: Path) -> onnx.ModelProto:
+def shard_model(lowered: onnx.ModelProto, rank: int, tp: int) -> tuple[onnx.ModelProto, dict]:
+    """Rank ``rank``'s graph, and the slices still to apply to its external weights (see ``write_rank``)."""
     import onnx_graphsurgeon as gs
 
-    from moetrt.passes.manager import _working_directory
-    from moetrt.passes.shard import shard_graph
+    from moetrt.passes.shard import recorded_slices, shard_graph
 
-    with _working_directory(base_dir):  # sliced weights are read from the unsharded external data
-        graph = shard_graph(gs.import_onnx(lowered), rank, tp)
-        model = gs.export_onnx(graph)
+    graph = shard_graph(gs.import_onnx(lowered), rank, tp)
+    slices = recorded_slices(graph)
+    model = gs.export_onnx(graph)
     model.opset_import.extend([i for i in lowered.opset_import if i.domain not in {o.domain for o in model.opset_import}])
     model.doc_string = lowered.doc_string
-    return model
+    return model, slices
 
 
-def write_rank(model: onnx.ModelProto, src_dir: Path, dst_dir: Path) -> None:
-    """Save ``model`` with every initializer moved, one at a time, into ``dst_dir/weights.bin``."""
+def write_rank(model: onnx.ModelProto, src_dir: Path, dst_dir: Path, slices: dict | None = None) -> None:
+    """Save ``model`` with every initializer moved, one at a time, into ``dst_dir/weights.bin``, applying
+    ``slices`` (name -> (axis, rank, tp, zero)) to external weights as they are copied."""
     import numpy as np
     from onnx.external_data_helper import uses_external_data
 
+    slices = slices or {}
     dst_dir.mkdir(parents=True, exist_ok=True)
     offset = 0
     with open(dst_dir / "weights.bin", "wb") as out:
         for tensor in model.graph.initializer:
             info = {e.key: e.value for e in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
             if uses_external_data(tensor) and "location" in info and not tensor.raw_data:
-                with open(src_dir / info["location"], "rb") as f:  # untouched: copy its bytes over
-                    f.seek(int(info.get("offset", 0)))
-                    data = f.read(int(info["length"]))
-            else:  # sliced or folded here: the bytes are inline (graphsurgeon may leave a stale location flag)
-                data = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
-            if len(data) < 1024:  # small tensors stay inline
+                array = np.memmap(src_dir / info["location"], dtype=dtype, mode="r",
+                                  offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+            else:  # inline (graphsurgeon may leave a stale external flag on tensors it rewrote)
+                tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
+                array = onnx.numpy_helper.to_array(tensor)
+            if tensor.name in slices:  # this rank's part, cut from the unsharded weights as they are copied
+                axis, rank, tp, zero = slices[tensor.name]
+                array = np.split(array, tp, axis=axis)[rank]
+                if zero:
+                    array = np.zeros(array.shape, dtype)
+                del tensor.dims[:]
+                tensor.dims.extend(array.shape)
+            data = np.ascontiguousarray(array).tobytes()
+            del array
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "external_data"):
+                tensor.ClearField(field)
+            if len(data) < 1024:  # small tensors stay inline
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = data
                 continue
@@ -59,10 +73,6 @@ def write_rank(model: onnx.ModelProto, src_dir: Path, dst_dir: Path) -> None:
             out.write(b"\0" * pad)
             offset += pad
             out.write(data)
-            tensor.ClearField("raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data"):
-                tensor.ClearField(field)
-            del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(data)))):
                 entry = tensor.external_data.add()
@@ -113,7 +123,9 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
         else:
             for rank in range(tp):
                 say(f"      sharding rank {rank} of {tp}")
-                write_rank(shard_model(lowered, rank, tp, rank_dir), rank_dir, out_dir / f"rank{rank}")
+                model, slices = shard_model(lowered, rank, tp)
+                write_rank(model, rank_dir, out_dir / f"rank{rank}", slices)
+                del model
             shutil.rmtree(rank_dir)
         say("[3/3] writing the manifest")
         EngineManifest(model=config.to_dict(), dtype=dtype, max_batch=max_batch, max_seq=max_seq,

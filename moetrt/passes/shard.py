@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from moetrt.errors import MoetrtError
 from moetrt.plugins.specs import ALL_REDUCE, DOMAIN
@@ -33,11 +34,26 @@ def _weight(matmul: gs.Node):
     raise MoetrtError(f"shard: weight of {matmul.name} is neither a constant nor a transposed constant")
 
 
-def _slice(const: gs.Constant, axis: int, rank: int, tp: int) -> None:
-    values = np.asarray(const.values)
-    if values.shape[axis] % tp:
-        raise MoetrtError(f"shard: {const.name} dimension {axis} ({values.shape[axis]}) is not divisible by tp {tp}")
-    const.values = np.ascontiguousarray(np.split(values, tp, axis=axis)[rank])
+# Weights still in external data are not loaded: their slice is recorded here, by initializer name, and
+# applied while the rank's weights are streamed out (``compiler.pipeline.write_rank``), one tensor at a time.
+SLICES_KEY = "moetrt_slices"
+
+
+def _slice(const: gs.Constant, axis: int, rank: int, tp: int, zero: bool = False) -> None:
+    shape = list(const.shape)
+    if shape[axis] % tp:
+        raise MoetrtError(f"shard: {const.name} dimension {axis} ({shape[axis]}) is not divisible by tp {tp}")
+    if isinstance(const._values, LazyValues):
+        const.__dict__.setdefault(SLICES_KEY, (axis, rank, tp, zero))
+        return
+    values = np.ascontiguousarray(np.split(np.asarray(const.values), tp, axis=axis)[rank])
+    const.values = np.zeros_like(values) if zero else values
+
+
+def recorded_slices(graph: gs.Graph) -> dict[str, tuple[int, int, int, bool]]:
+    """Initializer name -> (axis, rank, tp, zero) for the external weights ``shard_graph`` sliced."""
+    return {t.name: t.__dict__[SLICES_KEY] for t in graph.tensors().values()
+            if isinstance(t, gs.Constant) and SLICES_KEY in t.__dict__}
 
 
 def _bias_add(v: gs.Variable) -> gs.Node:
@@ -99,7 +115,7 @@ def shard_graph(graph: gs.Graph, rank: int, tp: int) -> gs.Graph:
         _slice(b1, 1, rank, tp)
         _slice(w2, 2, rank, tp)
         if rank:
-            b2.values = np.zeros_like(np.asarray(b2.values))
+            _slice(b2, 0, 0, 1, zero=True)
         out = moe.outputs[0]
         reduced = gs.Variable(f"{out.name}_allreduce", dtype=out.dtype, shape=out.shape)
         for user in list(out.outputs):
