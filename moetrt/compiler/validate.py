@@ -43,12 +43,12 @@ def step_feeds(config, manifest, run_step, steps: int, seed: int = 0) -> list[di
 def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps: int = 3,
              rtol: float | None = None, atol: float | None = None, verbose: bool = True) -> bool:
     """True when every output of every step is within tolerance; polygraphy prints the per-output report
-    (``verbose=False`` keeps only its warnings)."""
+    (``verbose=False`` keeps only its errors: unwritten cache slots are zero, which it warns about)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.WARNING
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
 
     from moetrt.compiler.export import export_checkpoint
     from moetrt.engines.format import EngineManifest, checkpoint_fingerprint

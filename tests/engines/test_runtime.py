@@ -126,3 +126,13 @@ def test_tensor_parallel_engines_equal_tp1(tiny_checkpoints, tiny_config, tmp_pa
     prompts = [[4, 8, 15, 16], [23, 42]]
     assert sharded.generate(prompts, 10) == single.generate(prompts, 10)
     assert validate(engine, verbose=False)
+
+
+def test_cli_validate_exits_1_on_a_mismatch(tiny_checkpoints, tmp_path, capsys):
+    out = compile(tiny_checkpoints["moetrt"], tmp_path / "e", dtype="fp32", max_batch=1, max_seq=16)
+    data = np.memmap(out / "rank0" / "weights.bin", dtype=np.float32, mode="r+")
+    data[:512 * 64] = 0.0  # wipe the token embeddings
+    data.flush()
+    del data
+    assert main(["validate", str(out), "--steps", "1"]) == 1
+    assert "validate: FAILED" in capsys.readouterr().out
