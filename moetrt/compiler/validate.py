@@ -45,8 +45,13 @@ def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps
     """True when every output of every step is within tolerance; polygraphy prints the per-output report
     (``verbose=False`` keeps only its errors: unwritten cache slots are zero, which it warns about)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
+    try:
+        from polygraphy.comparator import SimpleCompareFunc as simple_compare
+    except ImportError:  # polygraphy < 0.53
+        from polygraphy.comparator import CompareFunc
+        simple_compare = CompareFunc.simple
 
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
 
@@ -72,5 +77,5 @@ def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps
             feeds = step_feeds(manifest.config, manifest, onnxrt.infer, steps)
         results = Comparator.run([onnxrt, engine], data_loader=feeds)
         accuracy = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(rtol=rtol or default_rtol, atol=atol or default_atol))
+            results, compare_func=simple_compare(rtol=rtol or default_rtol, atol=atol or default_atol))
     return bool(accuracy)
