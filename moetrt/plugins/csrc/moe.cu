@@ -99,10 +99,8 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
 }
 
 // ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
-__global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
+__device__ void warp_topk(const Workspace& w, int t, int tokens, int experts, int top_k) {
   const int lane = threadIdx.x & 31;
-  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (t >= tokens) return;
   const float* l = w.logits + int64_t(t) * experts;
   float m = -INFINITY;
   for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
@@ -130,16 +128,24 @@ __global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
   }
 }
 
+__global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t < tokens) warp_topk(w, t, tokens, experts, top_k);
+}
+
 // ---- routing (one block): stable per-expert locations, capacity, offsets, the compact list of active experts,
 // and the permutation --------------------------------------------------------------------------------------------
+// With fused_topk (few tokens: decode) the block's warps first do softmax + top-k, saving a launch.
 __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int tokens, int experts, int top_k,
-                                                               int capacity, int tile_rows) {
+                                                               int capacity, int tile_rows, bool fused_topk) {
   extern __shared__ int32_t rsm[];
   int32_t* wcount = rsm;                 // [32][experts]
   int32_t* base = rsm + 32 * experts;    // [experts] running count, then the kept count
   int32_t* total = base + experts;       // [experts] scratch, then the offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int assignments = tokens * top_k;
+  if (fused_topk)
+    for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
   __syncthreads();
   for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
@@ -282,10 +288,13 @@ __global__ void __launch_bounds__(kGemvThreads) expert_gemv_kernel(
 
 template <typename T, bool FC1>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, int tokens, int rows, int K,
-                 int act_kind, int assignments, cudaStream_t stream) {
+                 int act_kind, int assignments, int experts, cudaStream_t stream) {
   // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight
   // rows). With one or two assignments that leaves too few warps for FC2's 1024 rows: one row each then.
-  const int grid = sm_count() * 8;
+  // at most min(assignments, experts) experts are hit: no more warps than rows to cover them
+  const int rows_per_warp = (!FC1 && assignments <= 2) ? 1 : 4;
+  const int64_t max_items = int64_t(std::min(assignments, experts)) * ((rows + rows_per_warp - 1) / rows_per_warp);
+  const int grid = static_cast<int>(std::min<int64_t>(sm_count() * 8, (max_items + 7) / 8));
   if (!FC1 && assignments <= 2)
     expert_gemv_kernel<T, FC1, 1><<<grid, kGemvThreads, 0, stream>>>(input, weight, bias, w, tokens, rows, K, act_kind);
   else
@@ -479,9 +488,10 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
   const bool gemm = sizeof(T) == 2 && A > kGemvMaxAssignments;
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
-  topk_kernel<<<(tokens + 7) / 8, 256, 0, stream>>>(w, tokens, experts, top_k);
+  const bool fused_topk = tokens <= kRouteThreads / 32;
+  if (!fused_topk) topk_kernel<<<(tokens + 7) / 8, 256, 0, stream>>>(w, tokens, experts, top_k);
   route_kernel<<<1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream>>>(w, tokens, experts, top_k, capacity,
-                                                                             gemm ? bm : 1);
+                                                                             gemm ? bm : 1, fused_topk);
   if (gemm) {
     if constexpr (sizeof(T) == 2) {
       if (bm == 32) launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
@@ -489,8 +499,8 @@ int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const 
       else launch_gemm<T, 128>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
     }
   } else {
-    launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, A, stream);
-    launch_gemv<T, false>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, tokens, h, f, act_kind, A, stream);
+    launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, tokens, f, h, act_kind, A, experts, stream);
+    launch_gemv<T, false>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, tokens, h, f, act_kind, A, experts, stream);
   }
   finalize_kernel<T><<<tokens, 128, 0, stream>>>(w, residual, out, tokens, h, top_k);
   return launch_status();
