@@ -39,6 +39,7 @@ def _activation(kind: str) -> int:
         raise KernelError(f"activation must be one of {', '.join(ACTIVATION_CODES)}, got {kind!r}")
     return ACTIVATION_CODES[kind]
 
+
 _TYPESTRS = {"<f4": "fp32", "<f2": "fp16", "<V2": "bf16", "<i4": "int32"}
 
 
@@ -75,6 +76,9 @@ def _expect(arr: DeviceArray, name: str, shape: tuple[int, ...], dtypes: tuple[s
         raise KernelError(f"{name}: expected shape {shape}, got {arr.shape}")
     if arr.dtype not in dtypes:
         raise KernelError(f"{name}: expected dtype {' or '.join(dtypes)}, got {arr.dtype}")
+    align = 4 if arr.dtype == "int32" else 16  # the kernels read floats 16 bytes at a time
+    if arr.ptr % align:
+        raise KernelError(f"{name}: device pointer {arr.ptr:#x} is not {align}-byte aligned")
 
 
 def embedding(input_ids, position_ids, wte, wpe, out, stream: int = 0) -> None:

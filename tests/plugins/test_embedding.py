@@ -37,6 +37,9 @@ def test_embedding_launcher_rejects_bad_arguments():
         launch.embedding(ids, ids, wte, wpe, torch.empty(8, 3, dtype=torch.float16, device="cuda").t())
     with pytest.raises(KernelError, match="wpe: expected dtype fp16, got fp32"):
         launch.embedding(ids, ids, wte, wpe.float(), out)
+    flat = torch.empty(10 * 8 + 1, dtype=torch.float16, device="cuda")
+    with pytest.raises(KernelError, match="wte: device pointer .* is not 16-byte aligned"):
+        launch.embedding(ids, ids, flat[1:].view(10, 8), wpe, out)
 
 
 def test_host_arrays_are_refused():
