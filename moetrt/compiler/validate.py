@@ -44,7 +44,8 @@ def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps
              rtol: float | None = None, atol: float | None = None, verbose: bool = True) -> bool:
     """True when every output of every step is within tolerance; polygraphy prints the per-output report
     (``verbose=False`` keeps only its errors: unwritten cache slots are zero, which it warns about)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
     try:
@@ -70,8 +71,12 @@ def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps
     with tempfile.TemporaryDirectory(prefix="moetrt-validate-") as tmp:
         exported = export_checkpoint(checkpoint, Path(tmp), DTYPES[manifest.dtype], manifest.max_batch,
                                      manifest.max_seq, last_token_logits=manifest.logits == "last")
-        onnxrt = OnnxrtRunner(SessionFromOnnx(str(exported), providers=["CPUExecutionProvider"]),
-                              name="onnxrt-exported")
+        # the exported graph as written: ONNX Runtime's own fusions (e.g. LayerNormalization over an fp16
+        # graph that normalises in fp32) would compare something else, and some reject mixed precisions
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+        onnxrt = OnnxrtRunner(session, name="onnxrt-exported")
         engine = MoetrtRunner(engine_dir, name="moetrt-engine")
         with onnxrt:
             feeds = step_feeds(manifest.config, manifest, onnxrt.infer, steps)
