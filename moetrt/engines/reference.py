@@ -27,6 +27,8 @@ def _op_class(spec: OpSpec) -> type[OpRun]:
 
     def _run(self, *inputs, **attrs):
         kwargs = {k: attrs.get(k, getattr(self, k, spec.attributes[k])) for k in names}
+        if spec.op_type == "BiasAct":
+            kwargs = {"activation_kind": kwargs["activation"]}
         if spec.op_type == "MoE":
             kwargs = {"top_k": kwargs["top_k"], "activation_kind": kwargs["activation_kind"],
                       "capacity_factor": kwargs["capacity_factor"], "min_capacity": kwargs["min_capacity"]}

@@ -3,7 +3,8 @@
 - Attention: the QKV projection is column-parallel (its output is ``[heads, 3, head_dim]``, so a rank's
   heads are contiguous columns), the Attention node gets ``num_heads / tp`` and a cache of that many heads;
   the output projection is row-parallel, followed by ``moetrt::AllReduce`` before its bias.
-- Dense MLP: fc1 (and its bias) column-parallel, fc2 row-parallel, AllReduce before fc2's bias.
+- Dense MLP: fc1 and its bias (an Add, or the bias input of a fused BiasAct) column-parallel, fc2
+  row-parallel, AllReduce before fc2's bias.
 - MoE: experts split along their ffn dimension (as FasterTransformer does); the gate is replicated so every
   rank routes alike; the experts' output bias is kept on rank 0 only (zeros elsewhere) so the AllReduce
   after the MoE node adds it once.
@@ -127,14 +128,19 @@ def shard_graph(graph: gs.Graph, rank: int, tp: int) -> gs.Graph:
     qkv_inputs = {id(n.inputs[0].inputs[0]) for n in graph.nodes if n.op == "Attention"}
     for ln in [n for n in graph.nodes if n.op == "AddLayerNorm"]:
         for fc1 in [n for n in ln.outputs[1].outputs if n.op == "MatMul"]:
-            adds = [n for n in fc1.outputs[0].outputs if n.op == "Add" and any(isinstance(i, gs.Constant) for i in n.inputs)]
-            if len(adds) != 1 or id(adds[0]) in qkv_inputs:
-                continue  # the LM head (no bias) or attention's QKV projection
-            add1 = adds[0]
-            fc2 = _downstream_matmul(add1.outputs[0])
+            users = fc1.outputs[0].outputs
+            act = next((n for n in users if n.op == "BiasAct"), None)
+            if act is not None:  # fused bias + GeLU
+                bias, after = act.inputs[1], act.outputs[0]
+            else:
+                adds = [n for n in users if n.op == "Add" and any(isinstance(i, gs.Constant) for i in n.inputs)]
+                if len(adds) != 1 or id(adds[0]) in qkv_inputs:
+                    continue  # the LM head (no bias) or attention's QKV projection
+                bias, after = _bias(adds[0]), adds[0].outputs[0]
+            fc2 = _downstream_matmul(after)
             w, out_axis = _weight(fc1)
             _slice(w, out_axis, rank, tp)
-            _slice(_bias(add1), 0, rank, tp)
+            _slice(bias, 0, rank, tp)
             w, out_axis = _weight(fc2)
             _slice(w, 1 - out_axis, rank, tp)
             _all_reduce_before(graph, _bias_add(fc2.outputs[0]), fc2.outputs[0], tp, reduces)

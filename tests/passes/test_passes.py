@@ -77,21 +77,25 @@ def test_attention_fusion_leaves_no_attention_pieces(exported, tiny_checkpoints,
     check_against_model(lowered, tiny_checkpoints["moetrt"], tiny_config)
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_whole_pipeline_leaves_only_plugin_nodes_for_the_hot_regions(tmp_path, tiny_config, top_k):
+@pytest.mark.parametrize("top_k, activation", [(1, "gelu_tanh"), (2, "gelu_tanh"), (1, "gelu")])
+def test_whole_pipeline_leaves_only_plugin_nodes_for_the_hot_regions(tmp_path, tiny_config, top_k, activation):
     from moetrt.models.checkpoints import init_checkpoint
-    config = tiny_config.replace(top_k=top_k)
+    config = tiny_config.replace(top_k=top_k, activation=activation)
     ck = init_checkpoint(tmp_path / "ck", config, "moetrt", torch.float32, seed=5 + top_k)
     exported = onnx.load(str(export_checkpoint(ck, tmp_path / "onnx", torch.float32, max_batch=2, max_seq=16)))
     lowered = PassManager(PIPELINE).run(exported)
     ops = Counter(n.op_type for n in lowered.graph.node)
     assert ops["MoE"] == len(config.moe_layers) and ops["Attention"] == config.num_layers
     assert ops["AddLayerNorm"] == 2 * config.num_layers + 1
-    for op in ("Softmax", "TopK", "ReduceMean", "Pow", "Sqrt", "Einsum", "ScatterElements", "ScatterND", "Where"):
+    assert ops["BiasAct"] == config.num_layers - len(config.moe_layers)  # the dense MLPs
+    for op in ("Softmax", "TopK", "ReduceMean", "Pow", "Sqrt", "Einsum", "ScatterElements", "ScatterND", "Where",
+               "Tanh", "Erf"):
         assert ops[op] == 0, op
     moe = [n for n in lowered.graph.node if n.op_type == "MoE"][0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe.attribute}
-    assert attrs["top_k"] == top_k and attrs["activation_kind"] == b"gelu_tanh"
+    assert attrs["top_k"] == top_k and attrs["activation_kind"] == activation.encode()
+    bias_act = [n for n in lowered.graph.node if n.op_type == "BiasAct"][0]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in bias_act.attribute}["activation"] == activation.encode()
     check_against_model(lowered, ck, config)
 
 
