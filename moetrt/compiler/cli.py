@@ -140,6 +140,29 @@ def cmd_validate(args) -> int:
     return 0 if ok else 1
 
 
+def _id_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MoetrtError(f"{option}: expected comma-separated token ids, got {text!r}") from None
+
+
+def cmd_generate(args) -> int:
+    from moetrt.engines.runtime import Runtime
+
+    prompt = _id_list(args.prompt_ids, "--prompt-ids")
+    runtime = Runtime(args.engine, device=args.device)
+
+    def stream(step, tokens):
+        print(tokens[0], end=" " if tokens[0] is not None else "", flush=True)
+
+    runtime.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, seed=args.seed, stop_tokens=_id_list(args.stop_ids or "", "--stop-ids"),
+                     callback=stream)
+    print()
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.target != "kernels":
         raise MoetrtError(f"bench: unknown target {args.target!r}; available: kernels "
@@ -220,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     p.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("generate", help="generate tokens from an engine, streaming them",
+                       description="Continue a prompt of token ids with an engine, printing each new token as it "
+                                   "comes. Runs on the CPU reference runtime (the GPU runtime is not built yet).")
+    p.add_argument("engine", help="engine directory")
+    p.add_argument("--prompt-ids", required=True, help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--stop-ids", help="token ids that end the sequence, comma-separated")
+    p.add_argument("--device", default="cpu", help="cpu (default; the only runtime so far)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmark kernels against their floors and PyTorch",
                        description="Benchmark: `moetrt bench kernels` times each CUDA kernel against the device's "

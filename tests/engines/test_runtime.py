@@ -146,3 +146,11 @@ def test_fp16_engine_validates_and_tracks_the_fp32_model(tiny_checkpoints, tiny_
     want = load(tiny_checkpoints["moetrt"])(torch.tensor(ids)).numpy()
     # fp16 weights and activations through 4 layers: about 1e-3 relative to the logits' scale
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_cli_generate_streams_the_greedy_tokens(engine, tiny_checkpoints, capsys):
+    assert main(["generate", str(engine), "--prompt-ids", "5,9,2", "--max-new-tokens", "6"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    assert printed == load(tiny_checkpoints["moetrt"]).generate([[5, 9, 2]], 6)[0]
+    assert main(["generate", str(engine), "--prompt-ids", "5,x"]) == 2
+    assert "--prompt-ids: expected comma-separated token ids" in capsys.readouterr().err
