@@ -139,7 +139,13 @@ def test_cli_validate_exits_1_on_a_mismatch(tiny_checkpoints, tmp_path, capsys):
 
 
 def test_fp16_engine_validates_and_tracks_the_fp32_model(tiny_checkpoints, tiny_config, tmp_path):
+    import onnx
+    from collections import Counter
     engine = compile(tiny_checkpoints["moetrt"], tmp_path / "e16", dtype="fp16", max_batch=2, max_seq=32)
+    ops = Counter(n.op_type for n in onnx.load(str(engine / "rank0" / "model.onnx")).graph.node)
+    # every fusion also happens in fp16 graphs (their constants are fp16-rounded)
+    assert (ops["BiasAct"], ops["MoE"], ops["Attention"], ops["AddLayerNorm"]) == (2, 2, 4, 9)
+    assert ops["Tanh"] == 0
     assert validate(engine, verbose=False)
     ids = np.random.default_rng(9).integers(0, tiny_config.vocab_size, (2, 6))
     got = Runtime(engine).logits(ids)
