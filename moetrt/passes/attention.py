@@ -15,7 +15,9 @@ interface). What does not match is left unchanged with a warning naming the Soft
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from moetrt.passes.manager import Pass
@@ -66,6 +68,23 @@ def _cache_side(v):
     return half.inputs[0], updated
 
 
+def _check_scale_and_mask(where: gs.Node, div: gs.Node, head_dim: int) -> None:
+    """The fused node computes softmax(q·kᵀ/√D) under the causal slot mask: the graph must too."""
+    scale = div.inputs[1]
+    value = float(np.asarray(scale.values).reshape(-1)[0]) if isinstance(scale, gs.Constant) else None
+    if value is None or not math.isclose(value, math.sqrt(head_dim), rel_tol=1e-3):
+        raise NoMatch(f"scores are divided by {value}, not sqrt(head_dim) = {math.sqrt(head_dim):g}")
+    fill = where.inputs[1]
+    if not (isinstance(fill, gs.Constant) and np.isneginf(np.asarray(fill.values)).all()):
+        raise NoMatch("masked scores are not filled with -inf")
+    mask = _producer(where.inputs[0], "Not")  # hidden = not (key slot <= query slot)
+    below = mask.inputs[0]
+    while isinstance(below, gs.Variable) and below.inputs and below.inputs[0].op in ("Unsqueeze", "Cast"):
+        below = below.inputs[0].inputs[0]
+    if not (isinstance(below, gs.Variable) and below.inputs and below.inputs[0].op == "LessOrEqual"):
+        raise NoMatch("the mask is not the causal (key slot <= query slot) comparison")
+
+
 def _match(softmax: gs.Node, past_lengths):
     where = _producer(softmax.inputs[0], "Where")
     div = next((_producer(i, "Div") for i in where.inputs[1:] if isinstance(i, gs.Variable) and i.inputs), None)
@@ -86,6 +105,9 @@ def _match(softmax: gs.Node, past_lengths):
     tail, cache_out = through(concat, "Identity")
     if past_lengths is None:
         raise NoMatch("the graph has no past_lengths input")
+    if cache.shape is None or not isinstance(cache.shape[-1], int):
+        raise NoMatch("the cache input's head_dim is not static")
+    _check_scale_and_mask(where, div, cache.shape[-1])
     return qkv, cache, reshape, tail, cache_out
 
 

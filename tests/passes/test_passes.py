@@ -99,6 +99,21 @@ def test_whole_pipeline_leaves_only_plugin_nodes_for_the_hot_regions(tmp_path, t
     check_against_model(lowered, ck, config)
 
 
+def test_attention_with_another_scale_is_not_fused(exported, caplog):
+    """A graph scaling scores by something other than 1/sqrt(head_dim) is not the plugin's attention."""
+    lowered = PassManager([FOLD, LAYERNORM]).run(exported)
+    import onnx_graphsurgeon as gs
+    graph = gs.import_onnx(lowered)
+    softmax = next(n for n in graph.nodes if n.op == "Softmax")
+    div = next(i.inputs[0] for i in softmax.inputs[0].inputs[0].inputs if isinstance(i, gs.Variable) and i.inputs
+               and i.inputs[0].op == "Div")
+    div.inputs[1] = gs.Constant("other_scale", np.array(3.0, np.float32))
+    with caplog.at_level(logging.WARNING, logger="moetrt.passes"):
+        out = PassManager([ATTENTION_PASS]).run(gs.export_onnx(graph))
+    assert "not sqrt(head_dim)" in caplog.text
+    assert Counter(n.op_type for n in out.graph.node)["Attention"] == 3  # the other layers still fuse
+
+
 def test_attention_pass_warns_on_an_unrecognised_masked_softmax(caplog):
     s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3])
     m = helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 3])
