@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
-from onnx import numpy_helper
 
 from moetrt.errors import MoetrtError
 from moetrt.models.config import ModelConfig

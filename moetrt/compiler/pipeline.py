@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import onnx
-import torch
 
 from moetrt.compiler.export import export_checkpoint
 from moetrt.engines.format import EngineManifest, checkpoint_fingerprint

@@ -21,10 +21,8 @@ def step_feeds(config, manifest, run_step, steps: int, seed: int = 0) -> list[di
     rng = np.random.default_rng(seed)
     B = min(2, manifest.max_batch)
     T = max(1, min(5, manifest.max_seq - steps))
-    cache_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
-    shape = manifest.kv_cache_shape()
-    shape[2] *= manifest.tensor_parallel  # the exported graph holds every head
-    caches = [np.zeros(shape, cache_dtype) for _ in range(config.num_layers)]
+    shape = manifest.kv_cache_shape(all_heads=True)  # the exported graph holds every head
+    caches = [np.zeros(shape, manifest.cache_numpy_dtype) for _ in range(config.num_layers)]
     ids, past = rng.integers(0, config.vocab_size, (B, T)), np.zeros(B, np.int64)
     feeds = []
     for _ in range(steps + 1):

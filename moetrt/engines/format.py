@@ -36,9 +36,17 @@ class EngineManifest:
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model, source=MANIFEST)
 
-    def kv_cache_shape(self) -> list[int]:
+    def kv_cache_shape(self, all_heads: bool = False) -> list[int]:
+        """One layer's cache on one rank (its heads only), or with ``all_heads`` the whole model's."""
         c = self.config
-        return [2, self.max_batch, c.num_heads // self.tensor_parallel, self.max_seq, c.head_dim]
+        heads = c.num_heads if all_heads else c.num_heads // self.tensor_parallel
+        return [2, self.max_batch, heads, self.max_seq, c.head_dim]
+
+    @property
+    def cache_numpy_dtype(self):
+        """numpy dtype of the cache as the CPU executors hold it (numpy has no bfloat16)."""
+        import numpy as np
+        return np.float16 if self.dtype == "fp16" else np.float32
 
     def bindings(self) -> dict:
         c = self.config

@@ -18,20 +18,12 @@ from onnx.reference.op_run import OpRun
 
 from moetrt.plugins.specs import DOMAIN, SPECS, OpSpec
 
-_PLUGIN_ATTRIBUTES = ("plugin_version", "plugin_namespace")
-
-
 def _op_class(spec: OpSpec) -> type[OpRun]:
-    """An OpRun that calls ``spec.reference`` with the node's inputs (None for absent optional ones)."""
-    names = [a for a in spec.attributes]
+    """An OpRun that calls ``spec.reference`` with the node's inputs (None for absent optional ones) and its
+    attributes, which the references take under the spec's attribute names."""
 
     def _run(self, *inputs, **attrs):
-        kwargs = {k: attrs.get(k, getattr(self, k, spec.attributes[k])) for k in names}
-        if spec.op_type == "BiasAct":
-            kwargs = {"activation_kind": kwargs["activation"]}
-        if spec.op_type == "MoE":
-            kwargs = {"top_k": kwargs["top_k"], "activation_kind": kwargs["activation_kind"],
-                      "capacity_factor": kwargs["capacity_factor"], "min_capacity": kwargs["min_capacity"]}
+        kwargs = {k: attrs.get(k, getattr(self, k, default)) for k, default in spec.attributes.items()}
         values = list(inputs) + [None] * (len(spec.inputs) - len(inputs))
         result = spec.reference(*values, **kwargs)
         results = result if isinstance(result, tuple) else (result,)

@@ -18,9 +18,6 @@ from moetrt.engines.sampling import check_params, sample
 from moetrt.errors import MoetrtError
 from moetrt.generation import Streams
 
-_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
-
-
 class Runtime:
     def __init__(self, engine_dir: str | Path, device: str = "cpu"):
         self.engine_dir = Path(engine_dir)
@@ -32,14 +29,13 @@ class Runtime:
         self.tp = self.manifest.tensor_parallel
         self.executor = ShardedReferenceExecutor(
             [self.engine_dir / f"rank{r}" / "model.onnx" for r in range(self.tp)])
-        self.cache_dtype = _NP_DTYPES[self.manifest.dtype]
+        self.cache_dtype = self.manifest.cache_numpy_dtype
 
     # -- one step ----------------------------------------------------------------------------------------
     def new_cache(self) -> list[np.ndarray]:
         """The whole model's cache, one ``[2, max_batch, heads, max_seq, head_dim]`` array per layer (each
         tensor-parallel rank holds its own heads' slice; ``run`` splits and merges)."""
-        shape = self.manifest.kv_cache_shape()
-        shape[2] *= self.tp
+        shape = self.manifest.kv_cache_shape(all_heads=True)
         return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,6 +89,8 @@ class Runtime:
                  callback: Callable[[int, list], None] | None = None) -> list[list[int]]:
         """New tokens for each prompt (a stop token ends its sequence and is kept)."""
         check_params(temperature, top_k, top_p)
+        if self.manifest.logits != "all":  # right-padded prompts: a last-token engine returns the pads' logits
+            raise MoetrtError("generate on the CPU runtime needs an engine compiled with --logits all")
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts or any(not p for p in prompts):
             raise MoetrtError("generate: every prompt needs at least one token")
@@ -106,9 +104,7 @@ class Runtime:
                               f"max sequence {self.manifest.max_seq}")
         rng = np.random.default_rng(seed)
         logits, cache = self.step(padded, np.zeros(len(prompts), np.int32), self.new_cache())
-        last = logits[np.arange(len(prompts)), lengths - 1] if self.manifest.logits == "all" else None
-        if last is None:  # last-token engines: the padded prompts' last logits are not each prompt's last
-            raise MoetrtError("generate on the CPU runtime needs an engine compiled with --logits all")
+        last = logits[np.arange(len(prompts)), lengths - 1]
         streams = Streams(len(prompts), stop_tokens, callback)
         past = lengths.copy()
         for step in range(max_new_tokens):

@@ -61,7 +61,7 @@ def _f64(*arrays):
     return [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
 
 
-def activation(x: np.ndarray, kind: str) -> np.ndarray:
+def apply_activation(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "gelu_tanh":
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
     if kind == "gelu":
@@ -77,9 +77,9 @@ def add_layernorm_reference(x, delta, gamma, beta, epsilon=1e-5):
     return total, (total - mean) / np.sqrt(var + epsilon) * gamma + beta
 
 
-def bias_act_reference(x, bias, activation_kind="gelu_tanh"):
+def bias_act_reference(x, bias, activation="gelu_tanh"):
     x, bias = _f64(x, bias)
-    return activation(x + bias, activation_kind)
+    return apply_activation(x + bias, activation)
 
 
 def embedding_reference(input_ids, position_ids, wte, wpe):
@@ -148,7 +148,7 @@ def moe_reference(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bia
             if weights[t, k] == 0.0:
                 continue
             e = experts[t, k]
-            y = w2[e] @ activation(w1[e] @ x[t] + b1[e], activation_kind) + b2[e]
+            y = w2[e] @ apply_activation(w1[e] @ x[t] + b1[e], activation_kind) + b2[e]
             out[t] += weights[t, k] * y
     return out.reshape(shape)
 

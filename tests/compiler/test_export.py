@@ -7,7 +7,7 @@ import torch
 
 from moetrt.compiler.export import export_checkpoint, kv_name
 from moetrt.errors import MoetrtError
-from moetrt.models import KVCache, get_preset, load
+from moetrt.models import KVCache, load
 from moetrt.models.checkpoints import init_checkpoint
 
 

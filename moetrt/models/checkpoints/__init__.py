@@ -34,7 +34,7 @@ _DETECT = [(native.FORMAT, native.is_native), (fastertransformer.FORMAT, fastert
            (megatron.FORMAT, megatron.is_megatron)]
 FORMATS = tuple(_READERS)
 
-__all__ = ["FORMATS", "DTYPES", "CheckpointReader", "convert", "detect_format", "init_checkpoint",
+__all__ = ["FORMATS", "DTYPES", "DTYPE_NAMES", "CheckpointReader", "convert", "detect_format", "init_checkpoint",
            "open_checkpoint", "parse_dtype", "synthetic_tensor", "write_checkpoint"]
 
 
