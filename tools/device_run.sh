@@ -5,14 +5,14 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD"
-# packages the GPU image lacks (onnx-graphsurgeon, polygraphy), carried as wheels in .whl/
+# packages the GPU image lacks (onnx-graphsurgeon, polygraphy, nvmath-python), carried as wheels in .whl/
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; python3 --version;
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; date -u; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python3 -m pytest -q --maxfail=15 -rs tests -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
+python3 -m pytest -q --maxfail=15 -rs ${TESTS:-tests} -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
 status=${PIPESTATUS[0]}
 if [ "${BENCH:-1}" = 1 ]; then
   python3 -m moetrt bench kernels --output "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"

@@ -125,7 +125,9 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
                 write_rank(model, rank_dir, out_dir / f"rank{rank}", slices)
                 del model
             shutil.rmtree(rank_dir)
-        say("[3/3] writing the manifest")
+        say("[3/3] checking that the CUDA backend runs every node; writing the manifest")
+        from moetrt.engines.program import check_engine
+        check_engine(out_dir, tp)
         EngineManifest(model=config.to_dict(), dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                        tensor_parallel=tp, logits=logits,
                        checkpoint={"path": str(Path(checkpoint).resolve()), "format": fmt,

@@ -1,5 +1,7 @@
-"""``Runtime``: run an engine directory. ``device="cpu"`` evaluates each rank's lowered graph with the CPU
-reference executor (validation speed, exact to the plugin specs); the GPU runtime is not built yet.
+"""``Runtime``: run an engine directory. ``device="cuda"`` is the GPU runtime (``cuda_runtime.CudaRuntime``:
+our kernels and cuBLASLt, CUDA graphs, sampling on the GPU); ``device="cpu"`` evaluates each rank's lowered
+graph with the CPU reference executor (validation speed, exact to the plugin specs); ``device="auto"`` takes
+the GPU when one is usable.
 
 Ragged prompts are prefilled together, right-padded: the padding of a shorter prompt lands in cache slots
 that its own decode steps overwrite before any query may see them (the causal mask hides slots beyond each
@@ -18,13 +20,36 @@ from moetrt.engines.sampling import check_params, sample
 from moetrt.errors import MoetrtError
 from moetrt.generation import Streams
 
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def gpu_available() -> bool:
+    try:
+        from moetrt.engines.cuda import device_count
+        return device_count() > 0
+    except MoetrtError:
+        return False
+
+
 class Runtime:
-    def __init__(self, engine_dir: str | Path, device: str = "cpu"):
+    """``Runtime(engine_dir, device)``: for ``device="cuda"`` (or ``"auto"`` with a GPU) this constructs and
+    returns a ``CudaRuntime``, which has the same ``logits``/``generate``/``run`` API (and ``close``)."""
+
+    def __new__(cls, engine_dir: str | Path, device: str = "cpu", **options):
+        if device not in DEVICES:
+            raise MoetrtError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "cuda" or (device == "auto" and gpu_available()):
+            from moetrt.engines.cuda_runtime import CudaRuntime
+            manifest = EngineManifest.read(Path(engine_dir))
+            return CudaRuntime(engine_dir, manifest, **options)
+        return super().__new__(cls)
+
+    def __init__(self, engine_dir: str | Path, device: str = "cpu", **options):
+        if options:
+            raise MoetrtError(f"options {sorted(options)} apply to the GPU runtime only")
         self.engine_dir = Path(engine_dir)
         self.manifest = EngineManifest.read(self.engine_dir)
         self.config = self.manifest.config
-        if device != "cpu":
-            raise MoetrtError(f"device {device!r}: only the CPU reference runtime exists so far (device='cpu')")
         from moetrt.engines.reference import ShardedReferenceExecutor
         self.tp = self.manifest.tensor_parallel
         self.executor = ShardedReferenceExecutor(
@@ -83,6 +108,15 @@ class Runtime:
         self._check(ids)
         logits, _ = self.step(ids, np.zeros(ids.shape[0], np.int32), self.new_cache())
         return logits.astype(np.float32)
+
+    def close(self) -> None:
+        """Nothing to free on the CPU (API parity with the GPU runtime)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),

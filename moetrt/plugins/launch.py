@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from moetrt.errors import KernelError
 from moetrt.plugins.kernels import DTYPE_CODES, check, load_library
 
-ACTIVATION_CODES = {"gelu_tanh": 0, "gelu": 1}  # moetrt_kernels.h
+ACTIVATION_CODES = {"gelu_tanh": 0, "gelu": 1, "none": 2}  # moetrt_kernels.h ("none": bias_act only)
 _P, _I64, _I32, _F32, _SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
 _SIGNATURES = {
     "moetrt_embedding": [_P] * 5 + [_I64] * 4 + [_I32, _P],
@@ -25,7 +25,32 @@ _SIGNATURES = {
     "moetrt_moe_capacity": [_I64, _I32, _I32, _F32, _I32],
     "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
+    "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
+    "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A validated kernel call, bound to its arguments: ``launch()`` runs it and raises on an error code.
+    Launchers called with ``defer=True`` return one instead of running, so a launch plan validates once
+    and replays many times."""
+    fn: object
+    args: tuple
+    what: str
+
+    def __call__(self) -> None:
+        code = self.fn(*self.args)
+        if code:
+            check(code, self.what)
+
+
+def _launch(name: str, args: tuple, what: str, defer: bool):
+    call = Launch(_fn(name), args, what)
+    if defer:
+        return call
+    call()
+    return None
 
 
 def _fn(name: str):
@@ -81,7 +106,7 @@ def _expect(arr: DeviceArray, name: str, shape: tuple[int, ...], dtypes: tuple[s
         raise KernelError(f"{name}: device pointer {arr.ptr:#x} is not {align}-byte aligned")
 
 
-def embedding(input_ids, position_ids, wte, wpe, out, stream: int = 0) -> None:
+def embedding(input_ids, position_ids, wte, wpe, out, stream: int = 0, defer: bool = False):
     """``out[t] = wte[input_ids[t]] + wpe[position_ids[t]]`` (int32 ids ``[N]``, weights fp32/fp16/bf16).
 
     Ids must already be in range (the runtime checks prompts on the host; the kernel clamps)."""
@@ -97,15 +122,14 @@ def embedding(input_ids, position_ids, wte, wpe, out, stream: int = 0) -> None:
         raise KernelError(f"wpe: expected [max_positions, {hidden}], got {p.shape}")
     _expect(p, "wpe", (p.shape[0], hidden), (w.dtype,))
     _expect(o, "out", (n, hidden), (w.dtype,))
-    check(_fn("moetrt_embedding")(ids.ptr, pos.ptr, w.ptr, p.ptr, o.ptr, n, hidden, vocab, p.shape[0], DTYPE_CODES[w.dtype], stream),
-          "embedding")
+    return _launch("moetrt_embedding", (ids.ptr, pos.ptr, w.ptr, p.ptr, o.ptr, n, hidden, vocab, p.shape[0], DTYPE_CODES[w.dtype], stream,), "embedding", defer)
 
 
 def _float_dtypes() -> tuple[str, ...]:
     return tuple(DTYPE_CODES)
 
 
-def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0) -> None:
+def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
     """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
     a = DeviceArray.of(x, "x")
     if len(a.shape) != 2:
@@ -123,11 +147,11 @@ def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5,
     _expect(g, "gamma", (hidden,), (a.dtype,))
     _expect(b, "beta", (hidden,), (a.dtype,))
     _expect(n, "normed", (rows, hidden), (a.dtype,))
-    check(_fn("moetrt_add_layernorm")(a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None, n.ptr,
-                                      rows, hidden, epsilon, DTYPE_CODES[a.dtype], stream), "add_layernorm")
+    return _launch("moetrt_add_layernorm", (a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None, n.ptr,
+                                      rows, hidden, epsilon, DTYPE_CODES[a.dtype], stream,), "add_layernorm", defer)
 
 
-def bias_act(x, bias, y, activation: str = "gelu_tanh", stream: int = 0) -> None:
+def bias_act(x, bias, y, activation: str = "gelu_tanh", stream: int = 0, defer: bool = False):
     """``y = act(x + bias)`` for ``x, y [rows, cols]`` (may be the same array), ``bias [cols]``."""
     a = DeviceArray.of(x, "x")
     if len(a.shape) != 2:
@@ -136,8 +160,8 @@ def bias_act(x, bias, y, activation: str = "gelu_tanh", stream: int = 0) -> None
     _expect(DeviceArray.of(bias, "bias"), "bias", (a.shape[1],), (a.dtype,))
     out = DeviceArray.of(y, "y")
     _expect(out, "y", a.shape, (a.dtype,))
-    check(_fn("moetrt_bias_act")(a.ptr, DeviceArray.of(bias, "bias").ptr, out.ptr, a.shape[0], a.shape[1],
-                                 _activation(activation), DTYPE_CODES[a.dtype], stream), "bias_act")
+    return _launch("moetrt_bias_act", (a.ptr, DeviceArray.of(bias, "bias").ptr, out.ptr, a.shape[0], a.shape[1],
+                                 _activation(activation), DTYPE_CODES[a.dtype], stream,), "bias_act", defer)
 
 
 def attention_workspace_size(batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
@@ -147,7 +171,7 @@ def attention_workspace_size(batch: int, num_heads: int, head_dim: int, max_seq:
     return size.value
 
 
-def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, stream: int = 0) -> None:
+def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, stream: int = 0, defer: bool = False):
     """Causal attention of T new tokens per sequence; K/V written into ``kv_cache`` in place.
 
     ``qkv [B, T, 3h]`` (Megatron order), ``kv_cache [2, max_batch, H, max_seq, D]``, ``past_lengths [B]`` int32
@@ -173,8 +197,8 @@ def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, strea
     nbytes = _nbytes(ws)
     if nbytes < need:
         raise KernelError(f"workspace: {nbytes} bytes, attention needs {need}")
-    check(_fn("moetrt_attention")(q.ptr, c.ptr, DeviceArray.of(past_lengths, "past_lengths").ptr, o.ptr, B, T, H, D,
-                                  max_batch, max_seq, DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream), "attention")
+    return _launch("moetrt_attention", (q.ptr, c.ptr, DeviceArray.of(past_lengths, "past_lengths").ptr, o.ptr, B, T, H, D,
+                                  max_batch, max_seq, DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream,), "attention", defer)
 
 
 def moe_capacity(tokens: int, experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -190,7 +214,7 @@ def moe_workspace_size(tokens: int, hidden: int, ffn: int, experts: int, top_k: 
 
 def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k: int = 1,
         activation: str = "gelu_tanh", capacity_factor: float = 0.0, min_capacity: int = 4, residual=None,
-        stream: int = 0) -> None:
+        stream: int = 0, defer: bool = False):
     """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``."""
     x = DeviceArray.of(hidden, "hidden")
     if len(x.shape) != 2:
@@ -222,10 +246,10 @@ def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, wo
     nbytes = _nbytes(ws)
     if nbytes < need:
         raise KernelError(f"workspace: {nbytes} bytes, moe needs {need}")
-    check(_fn("moetrt_moe")(x.ptr, ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"],
+    return _launch("moetrt_moe", (x.ptr, ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"],
                             ptrs["fc2_bias"], res.ptr if res else None, ptrs["out"], N, h, f, E, top_k,
                             _activation(activation), capacity_factor, min_capacity, DTYPE_CODES[x.dtype], ws.ptr,
-                            nbytes, stream), "moe")
+                            nbytes, stream,), "moe", defer)
 
 
 def _nbytes(arr: DeviceArray) -> int:
@@ -234,3 +258,31 @@ def _nbytes(arr: DeviceArray) -> int:
     for s in arr.shape:
         n *= s
     return n
+
+
+def gather_rows(src, rows, dst, stream: int = 0, defer: bool = False):
+    """``dst[r] = src[rows[r]]`` for ``src [S, C]``, int32 ``rows [R]`` (clamped into range), ``dst [R, C]``."""
+    a, r, d = DeviceArray.of(src, "src"), DeviceArray.of(rows, "rows"), DeviceArray.of(dst, "dst")
+    if len(a.shape) != 2 or len(r.shape) != 1:
+        raise KernelError(f"gather_rows: expected src [rows, cols] and rows [n], got {a.shape}, {r.shape}")
+    _expect(a, "src", a.shape, _float_dtypes())
+    _expect(r, "rows", r.shape, ("int32",))
+    _expect(d, "dst", (r.shape[0], a.shape[1]), (a.dtype,))
+    return _launch("moetrt_gather_rows", (a.ptr, r.ptr, d.ptr, r.shape[0], a.shape[1], a.shape[0],
+                                          DTYPE_CODES[a.dtype], stream), "gather_rows", defer)
+
+
+def sample(logits, out_tokens, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           step: int = 0, stream: int = 0, defer: bool = False):
+    """One token per row of ``logits [B, V]`` into int32 ``out_tokens [B]`` (greedy when temperature is 0)."""
+    x, o = DeviceArray.of(logits, "logits"), DeviceArray.of(out_tokens, "out_tokens")
+    if len(x.shape) != 2:
+        raise KernelError(f"logits: expected [batch, vocab], got {x.shape}")
+    _expect(x, "logits", x.shape, _float_dtypes())
+    _expect(o, "out_tokens", (x.shape[0],), ("int32",))
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise KernelError(f"sample: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, "
+                          f"{top_k}, {top_p}")
+    mask = (1 << 64) - 1
+    return _launch("moetrt_sample", (x.ptr, o.ptr, x.shape[0], x.shape[1], temperature, top_k, top_p,
+                                     seed & mask, step & mask, DTYPE_CODES[x.dtype], stream), "sample", defer)

@@ -57,8 +57,9 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return warp_max(v);
 }
 
-// Activations, computed in fp32. kind: 0 = tanh-GeLU, 1 = erf-GeLU (moetrt_activation).
+// Activations, computed in fp32. kind: 0 = tanh-GeLU, 1 = erf-GeLU, 2 = none (bias add only).
 __device__ __forceinline__ float activate(float x, int kind) {
+  if (kind == 2) return x;
   if (kind == 0) {
     const float k0 = 0.7978845608028654f, k1 = 0.044715f;
     return 0.5f * x * (1.f + tanhf(k0 * (x + k1 * x * x * x)));

@@ -97,7 +97,7 @@ MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void
 
 MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t rows, int64_t cols, int activation,
                                int dtype, cudaStream_t stream) {
-  if (rows < 0 || cols <= 0 || (activation != 0 && activation != 1)) return MOETRT_ERR_BAD_SHAPE;
+  if (rows < 0 || cols <= 0 || activation < 0 || activation > 2) return MOETRT_ERR_BAD_SHAPE;
   if (rows == 0) return 0;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     if (cols % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;

@@ -29,7 +29,7 @@ MOETRT_API int moetrt_embedding(const int32_t* input_ids, const int32_t* positio
                                 int64_t num_tokens, int64_t hidden, int64_t vocab_size,
                                 int64_t max_positions, int dtype, cudaStream_t stream);
 
-// Activation codes: 0 = tanh-GeLU ("gelu_tanh"), 1 = erf-GeLU ("gelu").
+// Activation codes: 0 = tanh-GeLU ("gelu_tanh"), 1 = erf-GeLU ("gelu"), 2 = none (bias_act only: y = x + bias).
 
 // sum = x + delta (delta may be NULL: sum is x and is not written); normed = LayerNorm(sum) * gamma + beta with
 // fp32 statistics. x, delta, sum, normed [rows, hidden]; gamma, beta [hidden]. hidden % (16 / sizeof(T)) == 0.
@@ -61,3 +61,12 @@ MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const vo
                           int64_t tokens, int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
                           float capacity_factor, int min_capacity, int dtype, void* workspace,
                           size_t workspace_bytes, cudaStream_t stream);
+
+// dst[r, :] = src[rows[r], :] for r < num_rows (src [src_rows, cols]; rows clamped into range).
+MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* dst, int64_t num_rows, int64_t cols,
+                                  int64_t src_rows, int dtype, cudaStream_t stream);
+
+// One token per row of logits [batch, vocab] into out_tokens [batch] (see sampling.cu): temperature 0 or
+// top_k 1 is greedy; top_k 0 and top_p 1 are off; (seed, step, row) seed the row's random number.
+MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch, int64_t vocab, float temperature,
+                             int top_k, float top_p, uint64_t seed, uint64_t step, int dtype, cudaStream_t stream);

@@ -1,0 +1,452 @@
+"""The CUDA backend: one rank's lowered graph (``program.Program``) as launch plans on one GPU.
+
+``CudaEngine`` copies the weights to the device once, allocates the KV cache (bound in place: the Attention
+kernel writes it), the activation buffers, the kernels' workspaces and the input staging, then makes a
+``StepPlan`` per step shape (batch B, tokens T, logit rows R): the host part of the graph is evaluated in numpy,
+every device op becomes a validated, pre-bound kernel launch or cuBLASLt GEMM, and ``StepPlan.run()`` only
+enqueues them (no host synchronisation, so a decode plan can be captured in a CUDA graph).
+
+Activation buffers are planned once for the largest step (``max_tokens`` tokens): tensors are given buffers in
+graph order and a buffer is reused once the last reader of its tensor has run. Aliases (Reshape, the ids Cast,
+the KV-cache outputs) share their source's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moetrt.engines import cuda
+from moetrt.engines.gemm import WORKSPACE_BYTES, Gemm, GemmContext, TUNING_FILE
+from moetrt.engines.program import Op, Program, alias_shape, eval_host, _slices
+from moetrt.errors import MoetrtError
+from moetrt.plugins import launch
+from moetrt.plugins.kernels import load_library
+
+ALIGN = 256
+
+
+def _nbytes(shape, dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * cuda.ITEMSIZE[dtype]
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def check_arch(arch: int, device_name: str) -> None:
+    """The kernel library must hold SASS for this GPU's architecture family (sm_90 for Hopper, ...)."""
+    archs = load_library().cuda_archs
+    if not any(a // 10 == arch // 10 and a <= arch for a in archs):
+        raise MoetrtError(f"{device_name} is sm_{arch}; the kernel library was built for "
+                          f"{', '.join(f'sm_{a}' for a in archs)}; rebuild with CMAKE_CUDA_ARCHITECTURES={arch}")
+
+
+@dataclass
+class StepPlan:
+    B: int
+    T: int
+    rows: int | None                 # logit rows gathered from the staging `rows` array, or None for all
+    launches: list
+    logits: cuda.View                # [R or B*T, V]
+    default_rows: np.ndarray | None = None  # rows a Slice in the graph selects, when the caller gives none
+    gemms: list = field(default_factory=list)
+
+    def run(self) -> None:
+        for fn in self.launches:
+            fn()
+
+    def destroy(self) -> None:
+        for g in self.gemms:
+            g.destroy()
+        self.gemms = []
+
+
+class CudaEngine:
+    def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
+                 progress: bool = False):
+        self.program = program
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.max_tokens = max_tokens
+        self.max_rows = max(max_batch, max_logit_rows)
+        self.dtype = program.act_dtype
+        self._buffers: list[cuda.DeviceBuffer] = []
+        self.plans: dict[tuple, StepPlan] = {}
+        self.device = cuda.device_info()
+        check_arch(self.device.arch, self.device.name)
+        self.stream = cuda.Stream()
+        self.gemm_ctx = None
+        try:
+            self._setup(progress)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _alloc(self, nbytes: int, what: str) -> cuda.DeviceBuffer:
+        buf = cuda.DeviceBuffer(nbytes, what)
+        self._buffers.append(buf)
+        return buf
+
+    def _setup(self, progress: bool) -> None:
+        p = self.program
+        # which tensors are aliases of which
+        self.root: dict[str, str] = {}
+        for op in p.ops:
+            if op.kind == "alias":
+                self.root[op.outputs[0]] = self.resolve(op.inputs[0])
+            elif op.kind == "attention":
+                self.root[op.outputs[1]] = op.inputs[1]
+            elif op.kind == "all_reduce" and op.attrs.get("tp_size", 1) > 1:
+                raise MoetrtError(f"node {op.node!r}: AllReduce over {op.attrs['tp_size']} ranks; a tensor-parallel "
+                                  "engine runs one process per GPU, which this runtime does not launch yet")
+            elif op.kind == "all_reduce":
+                self.root[op.outputs[0]] = self.resolve(op.inputs[0])
+        final = [op for op in p.ops if "logits" in op.outputs]
+        if len(final) != 1 or final[0].kind != "gemm":
+            raise MoetrtError("the graph's logits must come from one MatMul (the LM head)")
+        self.head = final[0]
+        self.head_source = self.head.inputs[0]
+        self.select = next((op for op in p.ops if op.kind == "select" and op.outputs[0] == self.head_source), None)
+        if self.select is not None:
+            self.head_source = self.select.inputs[0]
+        self.vocab, self.hidden = self.head.attrs["N"], self.head.attrs["K"]
+
+        self._upload_weights(progress)
+        # KV cache, one buffer per layer, zeroed; bound in place
+        self.caches: dict[str, cuda.View] = {}
+        for op in p.ops:
+            if op.kind == "attention":
+                name = op.inputs[1]
+                shape = self._cache_shape(name)
+                buf = self._alloc(_nbytes(shape, self.dtype), name)
+                self.stream.memset(buf.ptr, 0, buf.nbytes)
+                self.caches[name] = buf.view(shape, self.dtype)
+        # input staging (device side; the runtime fills a pinned mirror)
+        layout = {"input_ids": self.max_tokens, "position_ids": self.max_tokens, "past_lengths": self.max_batch,
+                  "rows": self.max_rows, "tokens": self.max_batch}
+        self.staging_offsets, off = {}, 0
+        for name, n in layout.items():
+            self.staging_offsets[name] = off
+            off += _aligned(4 * n)
+        self.staging = self._alloc(off, "input staging")
+        # workspaces
+        lib_ws = 0
+        attn = [op for op in p.ops if op.kind == "attention"]
+        if attn:
+            shape = self._cache_shape(attn[0].inputs[1])
+            lib_ws = launch.attention_workspace_size(self.max_batch, shape[2], shape[4], self.max_seq)
+        self.attn_ws = self._alloc(lib_ws, "attention workspace")
+        self.stream.memset(self.attn_ws.ptr, 0, self.attn_ws.nbytes)
+        moe_ws = 0
+        for op in p.ops:
+            if op.kind == "moe":
+                E, f, h = p.initializers[op.inputs[2]].shape
+                moe_ws = max(moe_ws, launch.moe_workspace_size(self.max_tokens, h, f, E, op.attrs["top_k"], self.dtype))
+        self.moe_ws = self._alloc(moe_ws, "MoE workspace")
+        self.gemm_ws = self._alloc(WORKSPACE_BYTES, "cuBLASLt workspace")
+        self.gemm_ctx = GemmContext(self.gemm_ws.ptr, self.device.name, p.base_dir / TUNING_FILE)
+        self._plan_buffers()
+        self.head_rows = self._alloc(_nbytes((self.max_rows, self.hidden), self.dtype), "gathered logit rows")
+        self.logits_buf = self._alloc(_nbytes((self.max_rows, self.vocab), self.dtype), "logits")
+        self.stream.synchronize()
+
+    def resolve(self, name: str) -> str:
+        while name in self.root:
+            name = self.root[name]
+        return name
+
+    def _cache_shape(self, name: str) -> tuple[int, ...]:
+        return self.cache_shapes[name]
+
+    @property
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        import onnx
+        if not hasattr(self, "_cache_shapes"):
+            model = onnx.load(str(self.program.base_dir / "model.onnx"), load_external_data=False)
+            self._cache_shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+                                  for i in model.graph.input if i.name.startswith("kv_cache_")}
+        return self._cache_shapes
+
+    def _upload_weights(self, progress: bool) -> None:
+        p = self.program
+        conversions = {}
+        for op in p.ops:  # LayerNorm parameters may be stored in fp32 next to fp16 activations
+            if op.kind in ("add_layernorm", "embed_ln"):
+                for w in op.inputs[-2:]:
+                    conversions[w] = self.dtype
+            if op.kind in ("gemm", "bias_act"):
+                for w in op.inputs[1:]:
+                    if w is not None:
+                        conversions[w] = self.dtype
+        self.weight_views: dict[str, cuda.View] = {}
+        offsets, total = {}, 0
+        for name in p.weights:
+            init = p.initializers[name]
+            dtype = conversions.get(name, init.dtype)
+            offsets[name] = (total, dtype)
+            total += _aligned(_nbytes(init.shape, dtype))
+        self.weights = self._alloc(total, f"weights ({total / 2**30:.2f} GiB)")
+        self.weight_bytes = total
+        done, next_report = 0, 1 << 30
+        rt = cuda.runtime_api()
+        for name in p.weights:
+            init = p.initializers[name]
+            off, dtype = offsets[name]
+            array = init.array(p.base_dir)
+            if dtype != init.dtype:
+                target = {"fp16": np.float16, "fp32": np.float32}.get(dtype)
+                if target is None:
+                    raise MoetrtError(f"weight {name!r}: cannot convert {init.dtype} to {dtype}")
+                array = np.asarray(array).astype(target)
+            array = np.ascontiguousarray(array)
+            if array.nbytes:
+                cuda.call(rt.cudaMemcpy, self.weights.ptr + off, array.ctypes.data, array.nbytes,
+                          rt.cudaMemcpyKind.cudaMemcpyHostToDevice, what=f"copying weight {name!r} to the device")
+            self.weight_views[name] = self.weights.view(init.shape, dtype, off)
+            done += array.nbytes
+            del array
+            if progress and done >= next_report:
+                print(f"      weights on the device: {done / 2**30:.1f} / {total / 2**30:.1f} GiB", file=sys.stderr,
+                      flush=True)
+                next_report += 1 << 30
+
+    # -- shapes and buffer planning -----------------------------------------------------------------------
+    def propagate(self, B: int, T: int) -> tuple[dict, dict]:
+        """Shapes of the device tensors and values of the host tensors for a step of B sequences × T tokens."""
+        p = self.program
+        shapes: dict[str, tuple] = {"input_ids": (B, T), "position_ids": (B, T), "past_lengths": (B,)}
+        shapes.update({name: tuple(s) for name, s in self.cache_shapes.items()})
+        values = {name: init.array(p.base_dir) for name, init in p.initializers.items()
+                  if init.offset is None and init.dtype in ("int64", "int32")}
+        for kind, step in p.steps:
+            if kind == "host":
+                eval_host(step, values, shapes)
+                continue
+            op: Op = step
+            ins = op.inputs
+            if op.kind == "embed_ln":
+                h = p.initializers[ins[2]].shape[1]
+                shapes[op.outputs[0]] = shapes[op.outputs[1]] = (*shapes[ins[0]], h)
+            elif op.kind in ("add_layernorm",):
+                shapes[op.outputs[0]] = shapes[op.outputs[1]] = shapes[ins[0]]
+            elif op.kind == "gemm":
+                shapes[op.outputs[0]] = (*shapes[ins[0]][:-1], op.attrs["N"])
+            elif op.kind in ("bias_act", "moe", "all_reduce"):
+                shapes[op.outputs[0]] = shapes[ins[0]]
+            elif op.kind == "attention":
+                b, t, three_h = shapes[ins[0]]
+                shapes[op.outputs[0]] = (b, t, three_h // 3)
+                shapes[op.outputs[1]] = shapes[ins[1]]
+            elif op.kind == "alias":
+                shapes[op.outputs[0]] = alias_shape(op, shapes, values)
+            elif op.kind == "select":
+                src = shapes[ins[0]]
+                sl = _slices(src, *[values[i] for i in ins[1:] if i])
+                shapes[op.outputs[0]] = tuple(len(range(*s.indices(d))) for s, d in zip(sl, src))
+        return shapes, values
+
+    def _plan_buffers(self) -> None:
+        """Give every activation a buffer, reusing buffers whose tensors are dead (sized for the largest step)."""
+        p = self.program
+        fixed = set(self.caches) | {"input_ids", "position_ids", "past_lengths", "logits"}
+        if self.select is not None:
+            fixed.add(self.select.outputs[0])
+        sizes: dict[str, int] = {}
+        for B, T in ((1, self.max_tokens), (self.max_batch, max(1, self.max_tokens // self.max_batch))):
+            shapes, _ = self.propagate(B, T)
+            for name, shape in shapes.items():
+                root = self.resolve(name)
+                if root in fixed or name in self.caches:
+                    continue
+                dtype = "int32" if name in ("input_ids", "position_ids") else self.dtype
+                sizes[root] = max(sizes.get(root, 0), _nbytes(shape, dtype))
+        ops = p.ops
+        last_use: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for t in op.inputs:
+                if t:
+                    last_use[self.resolve(t)] = i
+        for o in p.outputs:
+            last_use[self.resolve(o)] = len(ops)
+        free: list[tuple[int, int]] = []   # (capacity, buffer index)
+        caps: list[int] = []
+        self.assignment: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            if op.kind in ("alias", "select"):
+                continue
+            for out in op.outputs:
+                root = self.resolve(out)
+                if root in fixed or root in self.assignment or root not in sizes:
+                    continue
+                need = sizes[root]
+                fits = [f for f in free if f[0] >= need]
+                if fits:
+                    choice = min(fits)
+                    free.remove(choice)
+                    idx = choice[1]
+                elif free:  # grow the largest free buffer rather than add one
+                    choice = max(free)
+                    free.remove(choice)
+                    idx = choice[1]
+                    caps[idx] = need
+                else:
+                    idx = len(caps)
+                    caps.append(need)
+                self.assignment[root] = idx
+            for t in {self.resolve(t) for t in op.inputs if t}:
+                if t in self.assignment and last_use.get(t) == i:
+                    free.append((caps[self.assignment[t]], self.assignment[t]))
+            for out in op.outputs:  # an output nobody reads is dead at once
+                root = self.resolve(out)
+                if root in self.assignment and root not in last_use:
+                    free.append((caps[self.assignment[root]], self.assignment[root]))
+        self.pool = [self._alloc(_aligned(c), f"activation buffer {k}") for k, c in enumerate(caps)]
+        self.activation_bytes = sum(b.nbytes for b in self.pool)
+
+    # -- plans --------------------------------------------------------------------------------------------
+    def staging_view(self, name: str, shape, dtype: str = "int32") -> cuda.View:
+        return cuda.View(self.staging.ptr + self.staging_offsets[name], tuple(shape), dtype)
+
+    def _view(self, name: str, shape) -> cuda.View:
+        root = self.resolve(name)
+        if root in ("input_ids", "position_ids"):
+            return self.staging_view(root, shape)
+        if root == "past_lengths":
+            return self.staging_view(root, shape)
+        if root in self.caches:
+            return self.caches[root]
+        if root in self.program.initializers:
+            return self.weight_views[root]
+        buf = self.pool[self.assignment[root]]
+        return buf.view(shape, self.dtype)
+
+    def plan(self, B: int, T: int, rows: int | None = None) -> StepPlan:
+        """The launch plan of a step of B sequences × T new tokens; ``rows``: the number of logit rows to
+        compute, read at run time from the staging ``rows`` array (indices into the B·T positions)."""
+        key = (B, T, rows)
+        if key in self.plans:
+            return self.plans[key]
+        if B * T > self.max_tokens or B > self.max_batch:
+            raise MoetrtError(f"a step of {B}×{T} tokens exceeds the runtime's {self.max_tokens} tokens / "
+                              f"{self.max_batch} sequences")
+        p, s = self.program, self.stream.ptr
+        shapes, values = self.propagate(B, T)
+        launches, gemms = [], []
+        N = B * T
+        default_rows = None
+        for op in p.ops:
+            ins, outs = op.inputs, op.outputs
+            if op.kind in ("alias", "select", "all_reduce"):
+                continue
+            if op is self.head:
+                src_shape = shapes[self.head_source]
+                src = self._view(self.head_source, src_shape).reshape(-1, self.hidden)
+                if rows is None and self.select is not None:
+                    sel_shape = shapes[self.select.inputs[0]]
+                    sl = _slices(sel_shape, *[values[i] for i in self.select.inputs[1:] if i])
+                    idx = np.arange(int(np.prod(sel_shape[:-1]))).reshape(sel_shape[:-1])[sl[:-1]]
+                    default_rows = idx.reshape(-1).astype(np.int32)
+                    R = len(default_rows)
+                else:
+                    R = rows
+                if R is None:
+                    R = src.shape[0]
+                    x = src
+                else:
+                    if R > self.max_rows:
+                        raise MoetrtError(f"{R} logit rows exceed the runtime's {self.max_rows}")
+                    x = self.head_rows.view((R, self.hidden), self.dtype)
+                    launches.append(launch.gather_rows(src, self.staging_view("rows", (R,)), x, stream=s, defer=True))
+                if R > self.max_rows:
+                    raise MoetrtError(f"logits of {R} positions exceed the runtime's {self.max_rows} rows; "
+                                      "ask for fewer positions per step")
+                out = self.logits_buf.view((R, self.vocab), self.dtype)
+                g = Gemm(self.gemm_ctx, R, self.vocab, self.hidden, self.dtype, x.ptr, self._view(ins[1], ()).ptr,
+                         out.ptr, self._view(ins[2], ()).ptr if ins[2] else None, self.stream, op.node,
+                         op.attrs["trans"])
+                gemms.append(g)
+                launches.append(g.launch)
+                logits = out
+                continue
+            if op.kind == "embed_ln":
+                ids, pos, wte, wpe, gamma, beta = ins
+                h = p.initializers[wte].shape[1]
+                emb = self._view(outs[0], (N, h))
+                launches.append(launch.embedding(self._view(ids, (N,)), self._view(pos, (N,)), self._view(wte, ()),
+                                                 self._view(wpe, ()), emb, stream=s, defer=True))
+                launches.append(launch.add_layernorm(emb, None, self._view(gamma, ()), self._view(beta, ()), None,
+                                                     self._view(outs[1], (N, h)), op.attrs["epsilon"], stream=s,
+                                                     defer=True))
+            elif op.kind == "add_layernorm":
+                x, delta, gamma, beta = ins
+                h = shapes[x][-1]
+                n = int(np.prod(shapes[x][:-1]))
+                launches.append(launch.add_layernorm(
+                    self._view(x, (n, h)), self._view(delta, (n, h)) if delta else None, self._view(gamma, ()),
+                    self._view(beta, ()), self._view(outs[0], (n, h)) if delta else None,
+                    self._view(outs[1], (n, h)), op.attrs["epsilon"], stream=s, defer=True))
+            elif op.kind == "gemm":
+                x, w, bias = ins
+                K, Nout = op.attrs["K"], op.attrs["N"]
+                M = int(np.prod(shapes[x][:-1]))
+                g = Gemm(self.gemm_ctx, M, Nout, K, self.dtype, self._view(x, (M, K)).ptr, self._view(w, ()).ptr,
+                         self._view(outs[0], (M, Nout)).ptr, self._view(bias, ()).ptr if bias else None,
+                         self.stream, op.node, op.attrs["trans"])
+                gemms.append(g)
+                launches.append(g.launch)
+            elif op.kind == "bias_act":
+                x, bias = ins
+                n, c = int(np.prod(shapes[x][:-1])), shapes[x][-1]
+                launches.append(launch.bias_act(self._view(x, (n, c)), self._view(bias, ()), self._view(outs[0], (n, c)),
+                                                op.attrs["activation"], stream=s, defer=True))
+            elif op.kind == "attention":
+                qkv, cache, past = ins
+                b, t, three_h = shapes[qkv]
+                launches.append(launch.attention(self._view(qkv, (b, t, three_h)), self._view(cache, ()),
+                                                 self._view(past, (b,)), self._view(outs[0], (b, t, three_h // 3)),
+                                                 op.attrs["num_heads"], self.attn_ws.view((self.attn_ws.nbytes,), "uint8"),
+                                                 stream=s, defer=True))
+            elif op.kind == "moe":
+                x, gate, w1, b1, w2, b2 = ins
+                n, h = int(np.prod(shapes[x][:-1])), shapes[x][-1]
+                a = op.attrs
+                launches.append(launch.moe(self._view(x, (n, h)), self._view(gate, ()), self._view(w1, ()),
+                                           self._view(b1, ()), self._view(w2, ()), self._view(b2, ()),
+                                           self._view(outs[0], (n, h)), self.moe_ws.view((self.moe_ws.nbytes,), "uint8"),
+                                           top_k=a["top_k"], activation=a["activation"],
+                                           capacity_factor=a["capacity_factor"], min_capacity=a["min_capacity"],
+                                           stream=s, defer=True))
+        plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms)
+        self.plans[key] = plan
+        return plan
+
+    def drop_plan(self, key: tuple) -> None:
+        plan = self.plans.pop(key, None)
+        if plan is not None:
+            plan.destroy()
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers)
+
+    def close(self) -> None:
+        for key in list(self.plans):
+            self.drop_plan(key)
+        if self.gemm_ctx is not None:
+            self.gemm_ctx.destroy()
+            self.gemm_ctx = None
+        if getattr(self, "stream", None) is not None and self.stream.handle is not None:
+            try:
+                self.stream.synchronize()
+            except MoetrtError:
+                pass
+        for buf in self._buffers:
+            buf.free()
+        self._buffers = []
+        if getattr(self, "stream", None) is not None:
+            self.stream.destroy()

@@ -1,0 +1,282 @@
+"""The GPU runtime of one engine directory (``Runtime(engine_dir, device="cuda")``).
+
+Steps: the host writes a step's token ids, positions, past lengths and wanted logit rows into pinned memory,
+copies them to the device staging buffers, enqueues the step's launch plan (decode steps as the replay of a
+CUDA graph captured once per batch-size bucket), samples on the GPU, and reads back one int32 per sequence.
+Prompts are prefilled together, right-padded (as the CPU runtime); only the last real position of each prompt
+goes through the LM head. A prefill longer than the runtime's token budget is run in chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moetrt.engines import cuda
+from moetrt.engines.cuda_backend import CudaEngine
+from moetrt.engines.format import EngineManifest
+from moetrt.engines.program import analyze
+from moetrt.engines.sampling import check_params
+from moetrt.errors import MoetrtError
+from moetrt.generation import Streams
+from moetrt.plugins import launch
+from moetrt.plugins.abi import PLUGIN_ABI_VERSION
+
+_NP = {"fp16": np.float16, "fp32": np.float32}
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a captured decode graph: powers of two up to max_batch, and max_batch."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+class CudaRuntime:
+    def __init__(self, engine_dir: str | Path, manifest: EngineManifest, max_tokens: int | None = None,
+                 progress: bool = False, use_graphs: bool = True):
+        self.use_graphs = use_graphs
+        self.engine_dir, self.manifest, self.config = Path(engine_dir), manifest, manifest.config
+        if manifest.plugin_abi_version != PLUGIN_ABI_VERSION:
+            raise MoetrtError(f"{engine_dir}: built for plugin ABI {manifest.plugin_abi_version}; this moetrt "
+                              f"runs ABI {PLUGIN_ABI_VERSION}; recompile the engine")
+        if manifest.tensor_parallel != 1:
+            raise MoetrtError(f"{engine_dir}: a tensor-parallel engine ({manifest.tensor_parallel} ranks) needs one "
+                              "process per GPU; the single-GPU runtime runs tp=1 engines")
+        if manifest.dtype not in _NP:
+            raise MoetrtError(f"{engine_dir}: dtype {manifest.dtype} is not supported by the GPU runtime")
+        self.max_tokens = int(max_tokens or min(manifest.max_batch * manifest.max_seq, 4096))
+        if self.max_tokens < manifest.max_batch:
+            raise MoetrtError(f"max_tokens {self.max_tokens} is below the engine's max batch {manifest.max_batch}")
+        self.closed = True
+        self.engine = None
+        self.pinned = None
+        self.graphs: dict[int, cuda.Graph] = {}
+        program = analyze(self.engine_dir / "rank0" / "model.onnx")
+        self.engine = CudaEngine(program, manifest.max_batch, manifest.max_seq, self.max_tokens,
+                                 max_logit_rows=min(self.max_tokens, 1024), progress=progress)
+        try:
+            e = self.engine
+            self.cache_dtype = _NP[manifest.dtype]
+            self.vocab = e.vocab
+            self.pinned = cuda.PinnedBuffer(e.staging.nbytes + e.max_rows * e.vocab * 4)
+            self.host = {name: self.pinned.array[off:].view(np.int32) for name, off in e.staging_offsets.items()}
+            self.host_logits_off = e.staging.nbytes
+            self.closed = False
+        except BaseException:
+            self.close()
+            raise
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise MoetrtError("this runtime is closed")
+
+    def _stage(self, ids: np.ndarray, past: np.ndarray, rows: np.ndarray | None) -> None:
+        """Write a step's inputs to pinned memory and enqueue their copies to the device."""
+        e, s = self.engine, self.engine.stream
+        T = ids.shape[1]
+        parts = {"input_ids": ids.reshape(-1), "position_ids": (past[:, None] + np.arange(T)).reshape(-1),
+                 "past_lengths": past}
+        if rows is not None:
+            parts["rows"] = rows
+        for name, values in parts.items():
+            count = len(values)
+            self.host[name][:count] = values
+            off = e.staging_offsets[name]
+            s.copy_to_device(e.staging.ptr + off, self.pinned.ptr + off, 4 * count)
+
+    def _enqueue(self, ids: np.ndarray, past: np.ndarray, rows: np.ndarray | None):
+        """Stage and enqueue one step; returns its plan (logits not yet read). A decode step (T = 1, default
+        rows) replays its batch size's CUDA graph, captured after the first such step ran eagerly."""
+        B, T = ids.shape
+        decode = T == 1 and rows is None
+        plan = self.engine.plan(B, T, None if rows is None else len(rows))
+        if rows is None and plan.default_rows is not None:
+            rows = plan.default_rows
+        self._stage(ids, past, rows)
+        if decode and B in self.graphs:
+            self.graphs[B].launch()
+            return plan
+        plan.run()
+        if decode and self.use_graphs:
+            self.engine.stream.synchronize()  # cuBLASLt and the kernels have initialised: capture (no execution)
+            self.graphs[B] = cuda.Graph(self.engine.stream, plan.run)
+        return plan
+
+    def _read_logits(self, view: cuda.View) -> np.ndarray:
+        e = self.engine
+        nbytes = view.nbytes
+        e.stream.copy_to_host(self.pinned.ptr + self.host_logits_off, view.ptr, nbytes)
+        e.stream.synchronize()
+        raw = self.pinned.array[self.host_logits_off:self.host_logits_off + nbytes]
+        return raw.view(_NP[view.dtype]).reshape(view.shape).astype(np.float32)
+
+    def _sample(self, logits: cuda.View, temperature: float, top_k: int, top_p: float, seed: int,
+                step: int) -> np.ndarray:
+        e = self.engine
+        B = logits.shape[0]
+        tokens = e.staging_view("tokens", (B,))
+        launch.sample(logits, tokens, temperature, top_k, top_p, seed, step, stream=e.stream.ptr)
+        off = e.staging_offsets["tokens"]
+        e.stream.copy_to_host(self.pinned.ptr + off, tokens.ptr, 4 * B)
+        e.stream.synchronize()
+        return self.host["tokens"][:B].copy()
+
+    def _check(self, ids: np.ndarray, past: np.ndarray | None = None) -> None:
+        m, c = self.manifest, self.config
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise MoetrtError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
+        if ids.shape[0] > m.max_batch:
+            raise MoetrtError(f"batch {ids.shape[0]} exceeds the engine's max batch {m.max_batch}")
+        longest = ids.shape[1] + (0 if past is None else int(past.max()))
+        if longest > m.max_seq:
+            raise MoetrtError(f"sequence length {longest} exceeds the engine's max sequence {m.max_seq}")
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise MoetrtError(f"token id out of range [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
+
+    def _prefill(self, padded: np.ndarray, lengths: np.ndarray):
+        """Prefill right-padded prompts, in chunks of the token budget. Returns the device logits of each
+        sequence's last real position, or (prompts longer than one chunk) those logits on the host."""
+        B, T = padded.shape
+        chunk = max(1, self.max_tokens // B)
+        past = np.zeros(B, np.int32)
+        if T <= chunk:
+            return self._enqueue(padded, past, (np.arange(B) * T + lengths - 1).astype(np.int32)).logits
+        keep = np.zeros((B, self.vocab), np.float32)
+        for start in range(0, T, chunk):
+            part = padded[:, start:start + chunk]
+            t = part.shape[1]
+            last = np.clip(lengths - 1 - start, 0, t - 1)
+            plan = self._enqueue(part, past, (np.arange(B) * t + last).astype(np.int32))
+            done = (lengths - 1 >= start) & (lengths - 1 < start + t)  # each last position lies in one chunk
+            keep[done] = self._read_logits(plan.logits)[done]
+            past = past + t
+        return keep
+
+    # -- public API (as the CPU runtime) --------------------------------------------------------------------
+    def new_cache(self) -> list[np.ndarray]:
+        shape = self.manifest.kv_cache_shape(all_heads=True)
+        return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step on host feeds, caches included (for validation): copies the caches in and out."""
+        self._check_open()
+        e = self.engine
+        ids = np.asarray(feeds["input_ids"], np.int32)
+        past = np.asarray(feeds["past_lengths"], np.int32)
+        self._check(ids, past)
+        if not np.array_equal(np.asarray(feeds["position_ids"]), past[:, None] + np.arange(ids.shape[1])):
+            raise MoetrtError("position_ids must be past_lengths[b] + t (the runtime derives them)")
+        for l in range(self.config.num_layers):
+            host = np.ascontiguousarray(feeds[f"kv_cache_{l}"], self.cache_dtype)
+            dev = e.caches[f"kv_cache_{l}"]
+            if host.shape != dev.shape:
+                raise MoetrtError(f"kv_cache_{l}: expected shape {dev.shape}, got {host.shape}")
+            e.stream.copy_to_device(dev.ptr, host.ctypes.data, host.nbytes)
+            e.stream.synchronize()
+        plan = self._enqueue(ids, past, None)
+        logits = self._read_logits(plan.logits)
+        out = {"logits": logits.reshape(ids.shape[0], -1, self.vocab).astype(self.cache_dtype)}
+        for l in range(self.config.num_layers):
+            dev = e.caches[f"kv_cache_{l}"]
+            host = np.empty(dev.shape, self.cache_dtype)
+            e.stream.copy_to_host(host.ctypes.data, dev.ptr, host.nbytes)
+            e.stream.synchronize()
+            out[f"kv_cache_{l}_out"] = host
+        return out
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits ``[B, T, V]`` of every position of a prefill (from an empty cache), as float32."""
+        self._check_open()
+        ids = np.asarray(input_ids)
+        self._check(ids)
+        ids = ids.astype(np.int32)
+        B, T = ids.shape
+        e = self.engine
+        chunk = max(1, min(self.max_tokens, e.max_rows) // B)
+        past = np.zeros(B, np.int32)
+        out = np.empty((B, T, self.vocab), np.float32)
+        for start in range(0, T, chunk):
+            part = ids[:, start:start + chunk]
+            t = part.shape[1]
+            plan = self._enqueue(part, past, np.arange(B * t, dtype=np.int32))
+            out[:, start:start + t] = self._read_logits(plan.logits).reshape(B, t, self.vocab)
+            past = past + t
+        return out
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
+                 callback: Callable[[int, list], None] | None = None) -> list[list[int]]:
+        """New tokens for each prompt (a stop token ends its sequence and is kept); sampling on the GPU."""
+        self._check_open()
+        check_params(temperature, top_k, top_p)
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise MoetrtError("generate: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise MoetrtError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        padded = np.zeros((len(prompts), lengths.max()), np.int64)
+        for b, p in enumerate(prompts):
+            padded[b, :len(p)] = p
+        self._check(padded)
+        if lengths.max() + max_new_tokens > self.manifest.max_seq:
+            raise MoetrtError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                              f"max sequence {self.manifest.max_seq}")
+        B = len(prompts)
+        bucket = next(b for b in decode_buckets(self.manifest.max_batch) if b >= B)
+        logits = self._prefill(padded.astype(np.int32), lengths)
+        if isinstance(logits, np.ndarray):  # chunked prefill: sample from host logits copied back
+            dev = self.engine.logits_buf.view((B, self.vocab), self.engine.dtype)
+            host = logits.astype(_NP[self.engine.dtype])
+            self.engine.stream.copy_to_device(dev.ptr, host.ctypes.data, host.nbytes)
+            logits = dev
+        streams = Streams(B, stop_tokens, callback)
+        past = lengths.copy()
+        for step in range(max_new_tokens):
+            tokens = self._sample(logits, temperature, top_k, top_p, seed, step)
+            if streams.emit(step, tokens[:B].tolist()) or step == max_new_tokens - 1:
+                break
+            ids = np.zeros((bucket, 1), np.int32)
+            ids[:B, 0] = tokens[:B]
+            pad_past = np.zeros(bucket, np.int32)
+            pad_past[:B] = past
+            plan = self._enqueue(ids, pad_past, None)
+            logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
+            past = past + 1
+        return streams.outputs
+
+    @property
+    def device_bytes(self) -> int:
+        return self.engine.device_bytes
+
+    def close(self) -> None:
+        """Free every device and pinned allocation (idempotent)."""
+        for g in self.graphs.values():
+            g.destroy()
+        self.graphs = {}
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.pinned is not None:
+            self.pinned.free()
+            self.pinned = None
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,220 @@
+"""The GPU runtime (CUDA backend: our kernels + cuBLASLt, CUDA graphs, GPU sampling) against the torch model.
+
+Tolerances: fp32 engines differ from the fp32 torch model by summation order only (cuBLASLt and our kernels
+accumulate in fp32 in another order: ~1e-5 measured on CPU paths), so logits agree to 1e-3 absolute. fp16
+engines round each of the ~20 intermediate tensors per layer to 11 bits (relative 4.9e-4); compared with the
+torch model run in fp16 on the same GPU, logits of O(1) agree to 2e-2 absolute.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from moetrt.compiler.pipeline import compile
+from moetrt.engines.program import UnsupportedNode, analyze
+from moetrt.engines.runtime import Runtime
+from moetrt.errors import MoetrtError
+from moetrt.models import load
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def engine32(tmp_path_factory, tiny_checkpoints):
+    return compile(tiny_checkpoints["moetrt"], tmp_path_factory.mktemp("g32") / "e", dtype="fp32", max_batch=4,
+                   max_seq=96)
+
+
+@pytest.fixture(scope="module")
+def engine16(tmp_path_factory, tiny_checkpoints):
+    return compile(tiny_checkpoints["moetrt"], tmp_path_factory.mktemp("g16") / "e", dtype="fp16", max_batch=8,
+                   max_seq=128)
+
+
+@pytest.fixture(scope="module")
+def engine16_last(tmp_path_factory, tiny_checkpoints):
+    return compile(tiny_checkpoints["moetrt"], tmp_path_factory.mktemp("g16l") / "e", dtype="fp16", max_batch=4,
+                   max_seq=64, logits="last")
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_checkpoints):
+    return load(tiny_checkpoints["moetrt"])
+
+
+def test_fp32_logits_match_the_model(engine32, model32, tiny_config):
+    with Runtime(engine32, device="cuda") as rt:
+        for B, T in ((1, 1), (3, 17), (4, 40)):
+            ids = np.random.default_rng(B * T).integers(0, tiny_config.vocab_size, (B, T))
+            np.testing.assert_allclose(rt.logits(ids), model32(torch.tensor(ids)).numpy(), rtol=0, atol=1e-3)
+
+
+def test_greedy_tokens_identical_to_the_model_over_64_steps(engine32, model32):
+    prompts = [[5, 9, 2], [7], [1, 2, 3, 4, 5, 6, 7], [11] * 20]
+    with Runtime(engine32, device="cuda") as rt:
+        assert rt.generate(prompts, 64) == model32.generate(prompts, 64)
+        assert rt.generate(prompts[:1], 64) == model32.generate(prompts[:1], 64)  # batch-1 graph bucket
+
+
+def test_fp16_logits_within_tolerance_of_the_fp16_model(engine16, tiny_checkpoints, tiny_config):
+    model = load(tiny_checkpoints["moetrt"], torch.float16).cuda()
+    ids = np.random.default_rng(5).integers(0, tiny_config.vocab_size, (2, 33))
+    with torch.no_grad():
+        ref = model(torch.tensor(ids).cuda()).float().cpu().numpy()
+    with Runtime(engine16, device="cuda") as rt:
+        got = rt.logits(ids)
+    assert np.abs(got - ref).max() < 2e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.97
+
+
+def test_cuda_graph_replay_equals_eager_steps(engine16):
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    with Runtime(engine16, device="cuda") as a, Runtime(engine16, device="cuda", use_graphs=False) as b:
+        assert a.generate(prompts, 24) == b.generate(prompts, 24)
+        assert a.graphs and not b.graphs
+
+
+def test_ragged_batch_equals_each_prompt_alone(engine16):
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4], [8, 8, 8]]
+    with Runtime(engine16, device="cuda") as rt:
+        together = rt.generate(prompts, 10)
+        assert together == [rt.generate([p], 10)[0] for p in prompts]
+
+
+def test_last_token_engine_generates_as_the_all_positions_engine(engine16, engine16_last):
+    prompts = [[2, 7, 1, 8], [2, 8]]
+    with Runtime(engine16, device="cuda") as a, Runtime(engine16_last, device="cuda") as b:
+        assert a.generate(prompts, 12) == b.generate(prompts, 12)
+
+
+def test_chunked_prefill_equals_one_step(engine32, model32):
+    prompt = list(np.random.default_rng(0).integers(0, 512, 70))
+    with Runtime(engine32, device="cuda", max_tokens=16) as rt:
+        assert rt.generate([prompt], 8) == model32.generate([prompt], 8)
+
+
+def test_run_matches_the_cpu_reference_runtime(engine32):
+    rng = np.random.default_rng(2)
+    cpu = Runtime(engine32)
+    feeds = {"input_ids": rng.integers(0, 512, (2, 5)).astype(np.int32), "past_lengths": np.array([0, 3], np.int32)}
+    feeds["position_ids"] = (feeds["past_lengths"][:, None] + np.arange(5)).astype(np.int32)
+    for l, c in enumerate(cpu.new_cache()):
+        feeds[f"kv_cache_{l}"] = rng.standard_normal(c.shape).astype(c.dtype)
+    want = cpu.run(dict(feeds))
+    with Runtime(engine32, device="cuda") as rt:
+        got = rt.run(dict(feeds))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(engine16):
+    with Runtime(engine16, device="cuda") as rt:
+        a = rt.generate([[1, 2]], 16, temperature=1.0, top_p=0.9, seed=4)
+        assert a == rt.generate([[1, 2]], 16, temperature=1.0, top_p=0.9, seed=4)
+        assert a != rt.generate([[1, 2]], 16, temperature=1.0, top_p=0.9, seed=5)
+        assert rt.generate([[1, 2]], 8, temperature=0.7, top_k=1, seed=3) == rt.generate([[1, 2]], 8)
+        seen = []
+        out = rt.generate([[3, 4], [5]], 6, callback=lambda s, t: seen.append(t))
+        assert [t[0] for t in seen] == out[0] and [t[1] for t in seen] == out[1]
+
+
+def test_sample_kernel_distribution():
+    """The sampling kernel on fixed logits: support within top-k / top-p, frequencies within 5 sigma."""
+    cupy = pytest.importorskip("cupy")
+    from moetrt.plugins import launch
+    rng = np.random.default_rng(0)
+    V, B = 40, 1024
+    logits = rng.standard_normal(V).astype(np.float32) * 2
+    x = cupy.asarray(np.tile(logits, (B, 1)))
+    out = cupy.zeros(B, dtype=cupy.int32)
+    counts = np.zeros(V)
+    for step in range(16):
+        launch.sample(x, out, temperature=0.8, top_k=0, top_p=1.0, seed=11, step=step)
+        counts += np.bincount(cupy.asnumpy(out), minlength=V)
+    p = np.exp((logits - logits.max()) / 0.8)
+    p /= p.sum()
+    n = counts.sum()
+    assert np.all(np.abs(counts - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 1)
+    top = np.argsort(-logits)
+    launch.sample(x, out, temperature=1.0, top_k=5, seed=1)
+    assert set(cupy.asnumpy(out)) <= set(top[:5].tolist())
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    keep = top[:np.searchsorted(np.cumsum(probs[top]), 0.6) + 1]
+    launch.sample(x, out, temperature=1.0, top_p=0.6, seed=2)
+    assert set(cupy.asnumpy(out)) <= set(keep.tolist())
+    launch.sample(x, out)  # greedy
+    assert set(cupy.asnumpy(out)) == {int(np.argmax(logits))}
+
+
+def test_bad_input_is_refused_and_the_runtime_stays_usable(engine32):
+    with Runtime(engine32, device="cuda") as rt:
+        good = rt.generate([[1, 2]], 4)
+        with pytest.raises(MoetrtError, match="batch 5 exceeds the engine's max batch 4"):
+            rt.generate([[1]] * 5, 2)
+        with pytest.raises(MoetrtError, match="exceeds the engine's max sequence 96"):
+            rt.generate([[1] * 90], 10)
+        with pytest.raises(MoetrtError, match="token id out of range"):
+            rt.logits(np.array([[512]]))
+        with pytest.raises(MoetrtError, match="top_p"):
+            rt.generate([[1]], 2, top_p=0)
+        assert rt.generate([[1, 2]], 4) == good
+    with pytest.raises(MoetrtError, match="closed"):
+        rt.generate([[1]], 1)
+
+
+def test_close_frees_device_memory(engine16):
+    from moetrt.engines.cuda import mem_get_info
+    before = mem_get_info()[0]
+    rt = Runtime(engine16, device="cuda")
+    rt.generate([[1, 2, 3]], 4)
+    assert mem_get_info()[0] < before
+    rt.close()
+    assert mem_get_info()[0] >= before - (8 << 20)  # allow the CUDA context's own lazy allocations
+
+
+def test_foreign_architecture_and_abi_are_refused(engine16, monkeypatch, tmp_path):
+    import json
+    import shutil
+    from moetrt.engines import cuda_backend
+    with pytest.raises(MoetrtError, match="sm_70"):
+        cuda_backend.check_arch(70, "Volta")
+    other = tmp_path / "e"
+    shutil.copytree(engine16, other)
+    manifest = json.loads((other / "engine.json").read_text())
+    manifest["plugin_abi_version"] = 999
+    (other / "engine.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoetrtError, match="plugin ABI"):
+        Runtime(other, device="cuda")
+
+
+def test_unsupported_node_is_named_at_analysis(engine16, tmp_path):
+    import onnx
+    import shutil
+    other = tmp_path / "e"
+    shutil.copytree(engine16, other)
+    model = onnx.load(str(other / "rank0" / "model.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "BiasAct")
+    node.op_type, node.domain = "Gelu", "com.example"
+    onnx.save(model, str(other / "rank0" / "model.onnx"))
+    with pytest.raises(UnsupportedNode, match="Gelu"):
+        analyze(other / "rank0" / "model.onnx")
+
+
+def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
+    """Weights of 1 MiB and more keep their Transpose node (fold's size threshold): cuBLASLt reads them with
+    TRANSA instead of a transposed copy."""
+    from moetrt.models.checkpoints import init_checkpoint
+    from moetrt.models.config import ModelConfig
+    config = ModelConfig(vocab_size=2048, hidden_size=256, num_layers=2, num_heads=4, ffn_hidden_size=2048,
+                         max_position_embeddings=128, num_experts=4, moe_layers=(1,), top_k=2)
+    ckpt = init_checkpoint(tmp_path / "c", config, "moetrt", torch.float32, seed=3)
+    engine = compile(ckpt, tmp_path / "e", dtype="fp32", max_batch=2, max_seq=64)
+    program = analyze(engine / "rank0" / "model.onnx")
+    assert any(op.attrs.get("trans") for op in program.ops if op.kind == "gemm")
+    model = load(ckpt)
+    ids = np.random.default_rng(1).integers(0, 2048, (2, 9))
+    with Runtime(engine, device="cuda") as rt:
+        np.testing.assert_allclose(rt.logits(ids), model(torch.tensor(ids)).numpy(), rtol=0, atol=2e-3)
+        prompts = [[4, 5, 6], [9]]
+        assert rt.generate(prompts, 16) == model.generate(prompts, 16)
