@@ -53,3 +53,32 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "demo: ok" in out and "generated ids" in out
+
+
+def _word_tokenizer(path, vocab_size=512):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(path))
+    return tok
+
+
+def test_generate_streams_text_with_a_tokenizer_and_ids_without(tmp_path, capsys):
+    assert main(["init-checkpoint", str(tmp_path / "ck"), "--preset", "tiny", "--dtype", "fp32", "--quiet"]) == 0
+    assert main(["compile", str(tmp_path / "ck"), "-o", str(tmp_path / "e"), "--dtype", "fp32", "--max-seq", "32",
+                 "--quiet"]) == 0
+    tok = _word_tokenizer(tmp_path / "tok.json")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "e"), "--prompt-ids", "5,9,2", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    ids = [int(t) for t in capsys.readouterr().out.split()]
+    assert len(ids) == 5 and all(0 <= t < 512 for t in ids)
+    assert main(["generate", str(tmp_path / "e"), "--prompt", "w5 w9 w2", "--tokenizer", str(tmp_path / "tok.json"),
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "w5 w9 w2 " + tok.decode(ids)
+    assert main(["generate", str(tmp_path / "e"), "--prompt", "w5", "--device", "cpu"]) == 2
+    assert "--prompt needs a tokenizer" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "neither 'kernels' nor an engine directory" in capsys.readouterr().err

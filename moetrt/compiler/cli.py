@@ -106,18 +106,26 @@ def cmd_demo(args) -> int:
         print("[4/5] validating the engine against ONNX Runtime on the exported graph (polygraphy)")
         if not validate(engine, verbose=False):
             raise MoetrtError("demo: the engine does not match the exported graph")
-        print(f"[5/5] generating {args.max_new_tokens} tokens greedily with the engine (CPU reference runtime)")
-        runtime = Runtime(engine, device="cpu")
-        out = runtime.generate([prompt[0].tolist()], args.max_new_tokens)
-        want = models[FORMATS[0]].generate([prompt[0].tolist()], args.max_new_tokens, SamplingParams())
-        print(f"      prompt ids:    {prompt[0].tolist()}")
-        print(f"      generated ids: {out[0]}")
-        if out != want:
-            raise MoetrtError(f"demo: engine tokens {out[0]} differ from the torch model's {want[0]}")
-        print("      identical to the torch reference model's greedy tokens")
-        logits_diff = float(np.abs(runtime.logits(prompt.numpy()) - ref.numpy()).max())
-        print(f"      engine logits vs torch: max abs difference {logits_diff:.2e}")
-    print("demo: ok (GPU runtime not built yet: the engine ran on the CPU reference executor)")
+        from moetrt.engines.runtime import gpu_available
+        device = "cuda" if gpu_available() else "cpu"
+        where = "GPU runtime: our CUDA kernels, cuBLASLt, CUDA graphs" if device == "cuda" else \
+            "CPU reference runtime: no GPU here"
+        if device == "cuda":
+            print("      and against the GPU runtime")
+            if not validate(engine, verbose=False, device="cuda"):
+                raise MoetrtError("demo: the GPU runtime does not match the exported graph")
+        print(f"[5/5] generating {args.max_new_tokens} tokens greedily with the engine ({where})")
+        with Runtime(engine, device=device) as runtime:
+            out = runtime.generate([prompt[0].tolist()], args.max_new_tokens)
+            want = models[FORMATS[0]].generate([prompt[0].tolist()], args.max_new_tokens, SamplingParams())
+            print(f"      prompt ids:    {prompt[0].tolist()}")
+            print(f"      generated ids: {out[0]}")
+            if out != want:
+                raise MoetrtError(f"demo: engine tokens {out[0]} differ from the torch model's {want[0]}")
+            print("      identical to the torch reference model's greedy tokens")
+            logits_diff = float(np.abs(runtime.logits(prompt.numpy()) - ref.numpy()).max())
+            print(f"      engine logits vs torch: max abs difference {logits_diff:.2e}")
+    print(f"demo: ok (the engine ran on the {where.split(':')[0]})")
     return 0
 
 
@@ -135,8 +143,9 @@ def cmd_compile(args) -> int:
 def cmd_validate(args) -> int:
     from moetrt.compiler.validate import validate
 
-    ok = validate(args.engine, args.checkpoint, steps=args.steps, rtol=args.rtol, atol=args.atol)
-    print(f"validate: {'PASSED' if ok else 'FAILED'}: {args.engine} against ONNX Runtime on its exported graph")
+    ok = validate(args.engine, args.checkpoint, steps=args.steps, rtol=args.rtol, atol=args.atol, device=args.device)
+    print(f"validate: {'PASSED' if ok else 'FAILED'}: {args.engine} ({args.device} runtime) against ONNX Runtime on "
+          "its exported graph")
     return 0 if ok else 1
 
 
@@ -147,29 +156,75 @@ def _id_list(text: str, option: str) -> list[int]:
         raise MoetrtError(f"{option}: expected comma-separated token ids, got {text!r}") from None
 
 
+def _tokenizer(args):
+    path = Path(args.tokenizer) if args.tokenizer else Path(args.engine) / "tokenizer.json"
+    if not path.is_file():
+        raise MoetrtError(f"--prompt needs a tokenizer: {path} not found (pass --tokenizer tokenizer.json, a "
+                          "Hugging Face tokenizers file, or give --prompt-ids)")
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise MoetrtError(f"{path}: not a tokenizers JSON file: {exc}") from None
+
+
 def cmd_generate(args) -> int:
     from moetrt.engines.runtime import Runtime
 
-    prompt = _id_list(args.prompt_ids, "--prompt-ids")
-    runtime = Runtime(args.engine, device=args.device)
+    tok = None
+    if args.prompt is not None:
+        tok = _tokenizer(args)
+        prompt = tok.encode(args.prompt).ids
+        if not prompt:
+            raise MoetrtError("--prompt encodes to no tokens")
+    else:
+        prompt = _id_list(args.prompt_ids, "--prompt-ids")
+    if args.max_new_tokens < 1:
+        raise MoetrtError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    with Runtime(args.engine, device=args.device) as runtime:
+        if runtime.config.vocab_size and tok is not None and tok.get_vocab_size() > runtime.config.vocab_size:
+            raise MoetrtError(f"the tokenizer has {tok.get_vocab_size()} tokens; the model {runtime.config.vocab_size}")
+        generated = []
 
-    def stream(step, tokens):
-        print(tokens[0], end=" " if tokens[0] is not None else "", flush=True)
+        def stream(step, tokens):
+            if tokens[0] is None:
+                return
+            generated.append(tokens[0])
+            if tok is None:
+                print(tokens[0], end=" ", flush=True)
+            else:  # the text the new token adds to the whole sequence (spacing depends on what precedes)
+                before = tok.decode(prompt + generated[:-1])
+                print(tok.decode(prompt + generated)[len(before):], end="", flush=True)
 
-    runtime.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed, stop_tokens=_id_list(args.stop_ids or "", "--stop-ids"),
-                     callback=stream)
+        if tok is not None:
+            print(args.prompt, end="", flush=True)
+        runtime.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop_tokens=_id_list(args.stop_ids or "", "--stop-ids"),
+                         callback=stream)
     print()
     return 0
 
 
-def cmd_bench(args) -> int:
-    if args.target != "kernels":
-        raise MoetrtError(f"bench: unknown target {args.target!r}; available: kernels "
-                          "(engine benchmarks arrive with the runtime)")
-    from moetrt.plugins import bench
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MoetrtError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise MoetrtError(f"{option}: empty")
+    return values
 
-    bench.run(args.output)
+
+def cmd_bench(args) -> int:
+    if args.target == "kernels":
+        from moetrt.plugins import bench
+        bench.run(args.output)
+        return 0
+    if not (Path(args.target) / "engine.json").is_file():
+        raise MoetrtError(f"bench: {args.target!r} is neither 'kernels' nor an engine directory (no engine.json)")
+    from moetrt.compiler import bench_engine
+    bench_engine.run(args.target, _int_list(args.batch, "--batch"), args.input_len, args.output_len,
+                     checkpoint=args.checkpoint, output=args.output, plot=args.plot, eager=not args.no_eager)
     return 0
 
 
@@ -236,33 +291,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="compare an engine with ONNX Runtime on the exported graph",
                        description="polygraphy Comparator: ONNX Runtime on the un-lowered exported graph vs the "
-                                   "engine (CPU reference executor), over a prefill and decode steps. Exit 1 on mismatch.")
+                                   "engine (on the CPU reference executor or the GPU runtime), over a prefill and "
+                                   "decode steps. Exit 1 on mismatch.")
     p.add_argument("engine", help="engine directory")
     p.add_argument("--checkpoint", help="the checkpoint it was compiled from (default: the path in engine.json)")
     p.add_argument("--steps", type=int, default=3, help="decode steps after the prefill (default 3)")
     p.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     p.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="runtime under test: cpu reference executor, cuda GPU runtime, auto = cuda when a GPU is "
+                        "present (default)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("generate", help="generate tokens from an engine, streaming them",
-                       description="Continue a prompt of token ids with an engine, printing each new token as it "
-                                   "comes. Runs on the CPU reference runtime (the GPU runtime is not built yet).")
+                       description="Continue a prompt with an engine, printing each new token as it comes.")
     p.add_argument("engine", help="engine directory")
-    p.add_argument("--prompt-ids", required=True, help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer: --tokenizer or ENGINE/tokenizer.json)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON file for --prompt and the printed text")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop-ids", help="token ids that end the sequence, comma-separated")
-    p.add_argument("--device", default="cpu", help="cpu (default; the only runtime so far)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="cuda GPU runtime, cpu reference executor, auto = cuda when a GPU is present (default)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmark kernels against their floors and PyTorch",
-                       description="Benchmark: `moetrt bench kernels` times each CUDA kernel against the device's "
-                                   "measured copy bandwidth / matrix rate and against PyTorch (needs a GPU).")
-    p.add_argument("target", help="'kernels'")
+    p = sub.add_parser("bench", help="benchmark an engine (or the kernels) against PyTorch and the bandwidth floor",
+                       description="`moetrt bench ENGINE`: prefill latency, per-token decode latency, tokens/s and "
+                                   "device memory of the GPU runtime, beside PyTorch on the same weights (eager, and a "
+                                   "static-cache CUDA-graph decoder) and the bandwidth floor measured in the same run; "
+                                   "prints ratios, writes JSON and a PNG plot. `moetrt bench kernels` times each CUDA "
+                                   "kernel against its floor and PyTorch. Both need a GPU.")
+    p.add_argument("target", help="an engine directory, or 'kernels'")
+    p.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--output-len", type=int, default=32, help="new tokens (default 32)")
+    p.add_argument("--checkpoint", help="weights for the PyTorch baselines (default: the engine's checkpoint)")
+    p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager PyTorch baseline")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG plot here")
     p.set_defaults(func=cmd_bench)
     return parser
 

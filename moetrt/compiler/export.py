@@ -71,8 +71,9 @@ class StepGraph(torch.nn.Module):
         caches, weights = rest[:L], dict(zip(self.weight_names, rest[L:]))
         B, T = input_ids.shape[0], input_ids.shape[1]
         x = weights["wte.weight"][input_ids.long()] + weights["wpe.weight"][position_ids.long()]
-        slots = past_lengths.long()[:, None] + torch.arange(T, dtype=torch.long)[None, :]  # [B, T]
-        rows = torch.arange(B, dtype=torch.long)[:, None].expand(B, T)
+        dev = input_ids.device
+        slots = past_lengths.long()[:, None] + torch.arange(T, dtype=torch.long, device=dev)[None, :]  # [B, T]
+        rows = torch.arange(B, dtype=torch.long, device=dev)[:, None].expand(B, T)
         new_caches = []
         for layer in range(L):
             p = f"layers.{layer}."
@@ -86,7 +87,7 @@ class StepGraph(torch.nn.Module):
             keys, values = kc[:B], vc[:B]  # [B, H, S, D]
             S = keys.shape[2]
             scores = torch.matmul(q.transpose(1, 2).float(), keys.float().transpose(2, 3)) / math.sqrt(D)
-            visible = torch.arange(S, dtype=torch.long)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+            visible = torch.arange(S, dtype=torch.long, device=dev)[None, None, :] <= slots[:, :, None]  # [B, T, S]
             scores = scores.masked_fill(~visible[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             ctx = torch.matmul(probs, values.float()).to(x.dtype).transpose(1, 2).reshape(B, T, H * D)
@@ -127,12 +128,15 @@ def export_step_graph(config: ModelConfig, dtype: torch.dtype = torch.float32, m
         raise MoetrtError(f"export: max_seq {max_seq} exceeds max_position_embeddings {config.max_position_embeddings}")
     graph = StepGraph(config, last_token_logits)
     B, T = min(2, max_batch), 3
-    args = [torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32),
-            torch.zeros(B, dtype=torch.int32)]
+    # The trace is a real forward pass (every expert, on dummy weights): on a GPU when torch sees one, as an
+    # fp16 forward of a large model on the CPU takes minutes. The graph recorded does not depend on it.
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = [torch.zeros(B, T, dtype=torch.int32, device=dev), torch.zeros(B, T, dtype=torch.int32, device=dev),
+            torch.zeros(B, dtype=torch.int32, device=dev)]
     cache_shape = (2, max_batch, config.num_heads, max_seq, config.head_dim)
-    args += [torch.zeros(cache_shape, dtype=dtype) for _ in range(config.num_layers)]
+    args += [torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in range(config.num_layers)]
     # zero-stride dummies: the right shapes and dtypes, one element of memory each
-    args += [torch.zeros((), dtype=s.dtype(dtype)).expand(s.shape) for s in tensor_specs(config)]
+    args += [torch.zeros((), dtype=s.dtype(dtype), device=dev).expand(s.shape) for s in tensor_specs(config)]
     names = list(INPUTS) + [kv_name(l) for l in range(config.num_layers)] + graph.weight_names
     outputs = ["logits"] + [kv_name(l) + "_out" for l in range(config.num_layers)]
     dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "position_ids": {0: "batch", 1: "tokens"},

@@ -39,9 +39,10 @@ def step_feeds(config, manifest, run_step, steps: int, seed: int = 0) -> list[di
 
 
 def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps: int = 3,
-             rtol: float | None = None, atol: float | None = None, verbose: bool = True) -> bool:
+             rtol: float | None = None, atol: float | None = None, verbose: bool = True, device: str = "cpu") -> bool:
     """True when every output of every step is within tolerance; polygraphy prints the per-output report
-    (``verbose=False`` keeps only its errors: unwritten cache slots are zero, which it warns about)."""
+    (``verbose=False`` keeps only its errors: unwritten cache slots are zero, which it warns about).
+    ``device``: the engine runs on the CPU reference executor ("cpu"), the GPU runtime ("cuda"), or "auto"."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
@@ -75,7 +76,10 @@ def validate(engine_dir: str | Path, checkpoint: str | Path | None = None, steps
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
         onnxrt = OnnxrtRunner(session, name="onnxrt-exported")
-        engine = MoetrtRunner(engine_dir, name="moetrt-engine")
+        from moetrt.engines.runtime import gpu_available
+        if device == "auto":
+            device = "cuda" if gpu_available() else "cpu"
+        engine = MoetrtRunner(engine_dir, device=device, name=f"moetrt-{device}")
         with onnxrt:
             feeds = step_feeds(manifest.config, manifest, onnxrt.infer, steps)
         results = Comparator.run([onnxrt, engine], data_loader=feeds)

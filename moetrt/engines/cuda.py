@@ -114,8 +114,13 @@ class View:
                 "strides": None}
 
     def reshape(self, *shape) -> "View":
-        shape = tuple(int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape))
-        if int(np.prod(shape, dtype=np.int64)) != int(np.prod(self.shape, dtype=np.int64)):
+        shape = [int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)]
+        total = int(np.prod(self.shape, dtype=np.int64))
+        if shape.count(-1) == 1:
+            known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+            shape[shape.index(-1)] = total // known if known else 0
+        shape = tuple(shape)
+        if int(np.prod(shape, dtype=np.int64)) != total:
             raise CudaError(f"cannot view {self.shape} as {shape}")
         return View(self.ptr, shape, self.dtype)
 

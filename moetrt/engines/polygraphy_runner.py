@@ -38,4 +38,5 @@ class MoetrtRunner(BaseRunner):
         return outputs
 
     def deactivate_impl(self):
+        self.runtime.close()
         del self.runtime

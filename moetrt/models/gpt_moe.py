@@ -57,7 +57,7 @@ def route(probs: torch.Tensor, top_k: int, capacity_factor: float = 0.0,
     keep = torch.ones_like(top_probs, dtype=torch.bool)
     if capacity_factor > 0:
         capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
-        used = torch.zeros(num_experts, dtype=torch.int64)
+        used = torch.zeros(num_experts, dtype=torch.int64, device=probs.device)
         for k in range(top_k):  # all first choices are placed before any second choice
             onehot = F.one_hot(experts[:, k], num_experts).to(torch.int64)
             location = torch.cumsum(onehot, dim=0) - 1 + used  # position in the expert's buffer
@@ -113,7 +113,7 @@ class MoE(nn.Module):
         tokens = m.reshape(-1, shape[-1])
         cfg = self.config
         experts, weights = route(self.gate_probs(tokens), cfg.top_k, cfg.moe_capacity_factor, cfg.moe_min_capacity)
-        out = torch.zeros(tokens.shape, dtype=weights.dtype)
+        out = torch.zeros(tokens.shape, dtype=weights.dtype, device=tokens.device)
         for e in torch.unique(experts).tolist():
             rows, slot = torch.nonzero(experts == e, as_tuple=True)
             y = self.fc2(self.act(self.fc1(tokens[rows], e)), e)
@@ -136,13 +136,13 @@ class Attention(nn.Module):
         B, T, _ = a.shape
         qkv = self.qkv(a).view(B, T, self.num_heads, 3, self.head_dim)  # Megatron [heads, 3, head_dim]
         q, k, v = qkv.unbind(dim=3)  # each [B, T, H, D]
-        rows = torch.arange(B)[:, None]
+        rows = torch.arange(B, device=a.device)[:, None]
         cache_k[rows, :, slots] = k
         cache_v[rows, :, slots] = v
         keys, values = cache_k[:, :, :key_count], cache_v[:, :, :key_count]  # [B, H, S, D]
         dt = torch.float64 if a.dtype == torch.float64 else torch.float32
         scores = torch.einsum("bthd,bhsd->bhts", q.to(dt), keys.to(dt)) / math.sqrt(self.head_dim)
-        visible = torch.arange(key_count)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+        visible = torch.arange(key_count, device=a.device)[None, None, :] <= slots[:, :, None]  # [B, T, S]
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         ctx = torch.einsum("bhts,bhsd->bthd", probs, values.to(dt)).to(a.dtype)
@@ -174,10 +174,10 @@ class KVCache:
     gives a view of some rows (writes go through), so sequences can be prefilled one by one.
     """
 
-    def __init__(self, config: ModelConfig, max_batch: int, max_seq: int, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, max_batch: int, max_seq: int, dtype=torch.float32, device=None):
         shape = (max_batch, config.num_heads, max_seq, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @property
     def max_batch(self) -> int:
@@ -259,13 +259,14 @@ class GPTMoE(nn.Module):
         if kv_cache is None:
             if past_lengths is not None and int(torch.as_tensor(past_lengths).max()) > 0:
                 raise MoetrtError("past_lengths > 0 needs a kv_cache")
-            kv_cache = KVCache(self.config, B, T, self.dtype)
+            kv_cache = KVCache(self.config, B, T, self.dtype, input_ids.device)
         if B > kv_cache.max_batch:
             raise MoetrtError(f"batch {B} exceeds the KV cache's max_batch {kv_cache.max_batch}")
-        past = torch.zeros(B, dtype=torch.long) if past_lengths is None else torch.as_tensor(past_lengths).long()
+        dev = input_ids.device
+        past = (torch.zeros(B, dtype=torch.long) if past_lengths is None else torch.as_tensor(past_lengths).long()).to(dev)
         if past.shape != (B,):
             raise MoetrtError(f"past_lengths must have shape [{B}], got {tuple(past.shape)}")
-        slots = past[:, None] + torch.arange(T)[None, :]
+        slots = past[:, None] + torch.arange(T, device=dev)[None, :]
         key_count = int(past.max()) + T if B else T
         if key_count > kv_cache.max_seq:
             raise MoetrtError(f"sequence length {key_count} exceeds the KV cache's max_seq {kv_cache.max_seq}")
@@ -299,16 +300,17 @@ class GPTMoE(nn.Module):
                               f"max_position_embeddings {self.config.max_position_embeddings}")
         generator = sampling.generator()
         B = len(prompts)
-        cache = KVCache(self.config, B, total, self.dtype)
+        dev = self.wte.weight.device
+        cache = KVCache(self.config, B, total, self.dtype, dev)
         last = torch.empty(B, self.config.vocab_size, dtype=torch.float32)
         for b, p in enumerate(prompts):
-            last[b] = self(torch.tensor([p]), kv_cache=cache.select(b, b + 1))[0, -1].float()
+            last[b] = self(torch.tensor([p], device=dev), kv_cache=cache.select(b, b + 1))[0, -1].float().cpu()
         lengths = torch.tensor([len(p) for p in prompts])
         streams = Streams(B, stop_tokens, callback)
         for step in range(max_new_tokens):
             tokens = sample(last, sampling, generator)
             if streams.emit(step, tokens.tolist()) or step == max_new_tokens - 1:
                 break
-            last = self(tokens[:, None], kv_cache=cache, past_lengths=lengths)[:, -1].float()
+            last = self(tokens[:, None].to(dev), kv_cache=cache, past_lengths=lengths)[:, -1].float().cpu()
             lengths = lengths + 1
         return streams.outputs

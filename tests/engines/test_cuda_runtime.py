@@ -218,3 +218,21 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
         np.testing.assert_allclose(rt.logits(ids), model(torch.tensor(ids)).numpy(), rtol=0, atol=2e-3)
         prompts = [[4, 5, 6], [9]]
         assert rt.generate(prompts, 16) == model.generate(prompts, 16)
+
+
+def test_validate_with_the_gpu_runner(engine16):
+    from moetrt.compiler.validate import validate
+    assert validate(engine16, verbose=False, device="cuda")
+
+
+def test_bench_engine_reports_ratios_against_torch_and_the_floor(engine16, tmp_path):
+    import json
+    from moetrt.compiler import bench_engine
+    r = bench_engine.run(engine16, (1, 2), input_len=16, output_len=8, output=tmp_path / "b.json",
+                         plot=tmp_path / "b.png", progress=lambda *a: None)
+    assert json.loads((tmp_path / "b.json").read_text())["batches"][1]["batch"] == 2
+    for row in r["batches"]:
+        assert row["first_token_agrees"]
+        assert row["decode_graph_ms"] > 0 and row["ratio_to_floor"] > 1 and row["prefill_ratio_to_floor"] > 1
+        assert row["torch_graph_ms_per_token"] > 0 and row["torch_eager_ms_per_token"] > 0
+        assert r["logits_max_abs_diff"] < 2e-2

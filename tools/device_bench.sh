@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the GPU machine: the 350M-64E preset end to end (synthetic checkpoint, compile, bench against PyTorch and
+# the floor). Logs and results under $OUT. Run after tools/device_run.sh has set up packages (or alone).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD:/tmp/site"
+if [ -d .whl ] && [ ! -d /tmp/site/nvmath ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+CK=/tmp/ck350 ENG=/tmp/e350
+{ [ -f $CK/config.json ] || /usr/bin/time -v python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet; } 2>&1 | grep -E "error|Elapsed|Maximum resident" | tee "$OUT/init350.log"
+{ [ -f $ENG/engine.json ] || /usr/bin/time -v python3 -m moetrt compile $CK -o $ENG --dtype fp16 --max-batch ${MAXB:-32} --max-seq 256 --force; } 2>&1 | grep -vE "^\s+(Average|Exit|File|Involuntary|Major|Minor|Page|Percent|Signals|Socket|Swaps|System|User|Voluntary|Command)" | tee "$OUT/compile350.log"
+python3 -m moetrt bench $ENG --batch ${BATCHES:-1,8,32} --input-len 128 --output-len 32 \
+  --output "$OUT/bench_engine_350m.json" --plot "$OUT/bench_engine_350m.png" 2>&1 | tee "$OUT/bench350.log"
