@@ -298,7 +298,23 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
         row["weights_plus_kv_bytes"] = all_weight_bytes(cfg, itemsize) + manifest.config.num_layers * 2 * \
             manifest.max_batch * manifest.max_seq * cfg.hidden_size * itemsize
         results["batches"].append(row)
-    del model, fast
+    del fast
+    torch.cuda.empty_cache()
+    if manifest.dtype == "fp16":  # accuracy: ours and PyTorch's fp16 against the same model in fp32
+        model = model.float()
+        with torch.no_grad():
+            exact = model(torch.tensor(check_ids, device="cuda")).cpu().numpy()
+        e_ours, e_torch = np.abs(ours_logits - exact).max(-1), np.abs(ref - exact).max(-1)
+        results["accuracy_vs_fp32"] = {
+            "ours_median": float(np.median(e_ours)), "ours_mean": float(e_ours.mean()), "ours_max": float(e_ours.max()),
+            "torch_fp16_median": float(np.median(e_torch)), "torch_fp16_mean": float(e_torch.mean()),
+            "torch_fp16_max": float(e_torch.max()),
+            "ours_argmax_agreement": float((ours_logits.argmax(-1) == exact.argmax(-1)).mean()),
+            "torch_fp16_argmax_agreement": float((ref.argmax(-1) == exact.argmax(-1)).mean())}
+        progress("per-position max |logit error| vs the fp32 model (median / mean / max): ours "
+                 f"{np.median(e_ours):.3g} / {e_ours.mean():.3g} / {e_ours.max():.3g}, PyTorch fp16 "
+                 f"{np.median(e_torch):.3g} / {e_torch.mean():.3g} / {e_torch.max():.3g}")
+    del model
     torch.cuda.empty_cache()
 
     _print_table(results)
