@@ -166,7 +166,7 @@ def _events_ms(fn, reps: int) -> float:
 
 def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output_len: int = 32,
         checkpoint: str | Path | None = None, output: str | Path | None = None, plot: str | Path | None = None,
-        eager: bool = True, progress=print) -> dict:
+        eager: bool = True, progress=print, prefill_len: int = 512) -> dict:
     torch = _torch()
     from moetrt.engines.cuda import mem_get_info
     from moetrt.engines.format import EngineManifest
@@ -231,6 +231,20 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
                    "tokens": out}
         progress(f"moetrt B={B}: prefill {prefill_ms:.2f} ms, decode {token_ms:.3f} ms/token "
                  f"(graph replay {replay_ms:.3f} ms)")
+    # one long prompt: the prefill the floor is about (every expert is read)
+    P = min(prefill_len, manifest.max_seq, rt.max_tokens)
+    long_prompt = rng.integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
+    for _ in range(2):
+        rt._prefill(long_prompt, np.array([P], np.int32))
+    rt.engine.stream.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        rt._prefill(long_prompt, np.array([P], np.int32))
+    rt.engine.stream.synchronize()
+    ms = (time.perf_counter() - t) * 1e3 / 5
+    floor = (all_weight_bytes(cfg, itemsize) + cfg.num_layers * 2 * P * cfg.hidden_size * itemsize) / bw * 1e3
+    results["prefill"] = {"tokens": P, "ms": ms, "floor_ms": floor, "ratio_to_floor": ms / floor}
+    progress(f"moetrt prefill of 1 x {P}: {ms:.2f} ms, floor {floor:.2f} ms ({ms / floor:.2f}x)")
     check_ids = np.asarray(prompts[batches[0]][:1])
     ours_logits = rt.logits(check_ids)
     rt.close()
@@ -302,6 +316,7 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     torch.cuda.empty_cache()
     if manifest.dtype == "fp16":  # accuracy: ours and PyTorch's fp16 against the same model in fp32
         model = model.float()
+        model.dtype = torch.float32  # the dtype its KV cache is made in
         with torch.no_grad():
             exact = model(torch.tensor(check_ids, device="cuda")).cpu().numpy()
         e_ours, e_torch = np.abs(ours_logits - exact).max(-1), np.abs(ref - exact).max(-1)
@@ -354,6 +369,10 @@ def _print_table(r: dict) -> None:
             f"{row['graph_ratio_to_floor']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['torch_graph_ms_per_token']:.3f}",
             f"{row.get('torch_eager_ms_per_token', float('nan')):.2f}", f"{row['speedup_vs_torch_graph']:.2f}×",
             f"{row.get('speedup_vs_torch_eager', float('nan')):.1f}×"]))
+    if "prefill" in r:
+        p = r["prefill"]
+        print(f"prefill of one {p['tokens']}-token prompt: {p['ms']:.2f} ms, {p['ratio_to_floor']:.2f}x its floor "
+              f"({p['floor_ms']:.2f} ms: every weight read once)")
     row = r["batches"][0]
     print(f"device memory held by the runtime {row['device_bytes'] / 2**30:.2f} GiB; weights + KV cache "
           f"{row['weights_plus_kv_bytes'] / 2**30:.2f} GiB ({row['device_bytes'] / row['weights_plus_kv_bytes']:.3f}×)")

@@ -133,10 +133,18 @@ def cmd_compile(args) -> int:
     from moetrt.compiler.pipeline import compile
 
     start = time.perf_counter()
+    from moetrt.engines.runtime import gpu_available
+    tune = not args.no_tune and args.tp == 1 and gpu_available()
     out = compile(args.checkpoint, args.output, tp=args.tp, dtype=args.dtype, max_batch=args.max_batch,
                   max_seq=args.max_seq, logits=args.logits, dump_after=args.dump_after, force=args.force,
-                  progress=not args.quiet)
+                  progress=not args.quiet, tune=tune)
     print(f"compiled {args.checkpoint} to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from moetrt.compiler.pipeline import tune_engine
+    tune_engine(args.engine, progress=True)
     return 0
 
 
@@ -285,9 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", choices=("all", "last"), default="all",
                    help="logits of every position, or of each sequence's last token (default all)")
     p.add_argument("--dump-after", metavar="PASS", help="also save the graph after this pass (under OUTPUT/dumps)")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip timing cuBLASLt's GEMM algorithms on this machine's GPU (done by default when a GPU "
+                        "is present; `moetrt tune ENGINE` does it later)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="time cuBLASLt's GEMM algorithms for an engine on this GPU",
+                       description="Time cuBLASLt's candidate algorithms for every GEMM shape of the engine's decode "
+                                   "batch buckets and typical prefills on this machine's GPU, and keep the fastest in "
+                                   "ENGINE/rank0/gemm_algos.json (keyed by GPU and cuBLASLt version).")
+    p.add_argument("engine", help="engine directory")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("validate", help="compare an engine with ONNX Runtime on the exported graph",
                        description="polygraphy Comparator: ONNX Runtime on the un-lowered exported graph vs the "

@@ -81,7 +81,7 @@ def write_rank(model: onnx.ModelProto, src_dir: Path, dst_dir: Path, slices: dic
 
 def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str = "fp16", max_batch: int = 8,
             max_seq: int | None = None, logits: str = "all", dump_after: str | None = None, force: bool = False,
-            progress: bool = False) -> Path:
+            progress: bool = False, tune: bool = False) -> Path:
     """Build the engine directory for ``checkpoint``; returns its path."""
     out_dir = Path(out_dir)
     if dtype == "bf16":
@@ -137,4 +137,17 @@ def compile(checkpoint: str | Path, out_dir: str | Path, tp: int = 1, dtype: str
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    if tune:
+        tune_engine(out_dir, progress)
     return out_dir
+
+
+def tune_engine(engine_dir: str | Path, progress: bool = False) -> dict:
+    """Time the GEMM algorithms of an engine on this machine's GPU and cache the fastest in the engine."""
+    from moetrt.engines.runtime import Runtime
+    say = print if progress else log.info
+    with Runtime(engine_dir, device="cuda") as runtime:
+        say(f"tuning cuBLASLt GEMMs on {runtime.engine.device.name}")
+        entries = runtime.tune(progress=say)
+    say(f"      {len(entries)} GEMM shapes tuned; kept in {Path(engine_dir) / 'rank0' / 'gemm_algos.json'}")
+    return entries

@@ -252,6 +252,31 @@ class CudaRuntime:
             past = past + 1
         return streams.outputs
 
+    def tune(self, prefill_tokens=(128, 512), progress=None) -> dict:
+        """Time cuBLASLt's candidate algorithms for every GEMM of the decode buckets and of single-prompt
+        prefills of ``prefill_tokens``, keep the fastest, and save them beside the graph (``gemm_algos.json``)."""
+        self._check_open()
+        e = self.engine
+        shapes = [(B, 1, None) for B in decode_buckets(self.manifest.max_batch)]
+        shapes += [(1, T, 1) for T in prefill_tokens if T <= min(self.max_tokens, self.manifest.max_seq)]
+        entries: dict[str, dict] = {}
+        for B, T, rows in shapes:
+            plan = e.plan(B, T, rows)
+            for g in plan.gemms:
+                if g.key not in entries:
+                    algo, us = g.tune()
+                    entries[g.key] = {"algo": algo, "us": round(us, 2)}
+            if progress:
+                progress(f"      tuned the GEMMs of a {B}x{T} step")
+        e.stream.synchronize()
+        e.gemm_ctx.save_tuning(entries)
+        for key in list(e.plans):  # plans made before tuning keep their algorithms: remake them
+            e.drop_plan(key)
+        for g in self.graphs.values():
+            g.destroy()
+        self.graphs = {}
+        return entries
+
     @property
     def device_bytes(self) -> int:
         return self.engine.device_bytes

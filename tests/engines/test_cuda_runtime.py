@@ -243,3 +243,17 @@ def test_bench_engine_reports_ratios_against_torch_and_the_floor(engine16, tmp_p
         assert row["decode_graph_ms"] > 0 and row["ratio_to_floor"] > 1 and row["prefill_ratio_to_floor"] > 1
         assert row["torch_graph_ms_per_token"] > 0 and row["torch_eager_ms_per_token"] > 0
         assert r["logits_argmax_agreement"] >= 0.9
+
+
+def test_tuned_gemm_algorithms_are_cached_and_give_the_same_tokens(engine16, tmp_path):
+    import json
+    import shutil
+    from moetrt.compiler.pipeline import tune_engine
+    other = tmp_path / "e"
+    shutil.copytree(engine16, other)
+    entries = tune_engine(other)
+    saved = json.loads((other / "rank0" / "gemm_algos.json").read_text())
+    assert saved["entries"].keys() == entries.keys() and len(entries) >= 4
+    prompts = [[3, 1, 4], [1, 5]]
+    with Runtime(engine16, device="cuda") as a, Runtime(other, device="cuda") as b:
+        assert b.engine.gemm_ctx.tuned and a.generate(prompts, 16) == b.generate(prompts, 16)

@@ -187,8 +187,8 @@ __global__ void kv_write_kernel(const T* __restrict__ qkv, T* __restrict__ cache
   }
 }
 
-constexpr int kTile = 64;             // queries per block
-constexpr int kPrefillThreads = 128;  // two threads per query, each owning half of head_dim
+constexpr int kTile = 32;             // queries per block (small: short prompts still fill the SMs)
+constexpr int kPrefillThreads = 64;   // two threads per query, each owning half of head_dim
 
 // KT keys per shared-memory tile: K and V tiles as fp32 stay under 48 KB.
 template <typename T, int D, int KT = (D <= 64 ? 64 : 32)>

@@ -21,7 +21,7 @@ constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
 constexpr int kBN = 128, kBK = 32, kGemmThreads = 256, kStages = 4;
-constexpr int kGemvMaxAssignments = 128;  // above this many assignments, fp16/bf16 use the grouped GEMM
+constexpr int kGemvMaxAssignments = 64;   // above this many assignments, fp16/bf16 use the grouped GEMM
 
 struct Workspace {
   float* logits;  // [N, experts]
