@@ -9,9 +9,10 @@ For each batch size B (prompts of ``input_len`` random tokens, ``output_len`` ne
 - **PyTorch eager**: ``moetrt.models.GPTMoE`` on the GPU, its loop over the hit experts, KV cache in place;
 - **PyTorch best**: a decode step written for speed (static KV cache, gathered expert weights and ``bmm``, SDPA,
   everything preallocated) captured in a CUDA graph per batch size;
-- **floor**: the bytes a step must read (dense weights, the LM head, the gate, the experts the step's tokens are
-  expected to hit under uniform top-k routing, the KV cache up to the context) / the copy bandwidth measured
-  in this run. Prefill's floor reads every expert (and every weight) once.
+- **floor**: the bytes a step must read (dense weights, the LM head, the gate, the distinct experts the step's
+  tokens route to, counted from the torch model's gate on the same inputs, the KV cache up to the context) / the
+  copy bandwidth measured in this run. Prefill's floor reads every weight once; it is also given counting only
+  the experts the prompt routes to.
 
 Prints a table of ratios, writes JSON and (with matplotlib) a PNG plot. Needs torch with CUDA.
 """
@@ -51,8 +52,9 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) * 2 / (float(np.median(times[2:])) * 1e-3)
 
 
-def step_bytes(config, itemsize: int, batch: int, context: int) -> dict:
-    """Bytes a decode step of ``batch`` tokens must read (expected distinct experts hit: uniform routing)."""
+def step_bytes(config, itemsize: int, batch: int, context: int, hit: float | None = None) -> dict:
+    """Bytes a decode step of ``batch`` tokens must read; ``hit``: distinct experts per MoE layer (measured), else
+    the expectation under uniform routing."""
     h, f, V, E, k = (config.hidden_size, config.ffn_hidden_size, config.vocab_size, config.num_experts,
                      config.top_k)
     attn = (4 * h * h + 4 * h) * itemsize
@@ -60,7 +62,8 @@ def step_bytes(config, itemsize: int, batch: int, context: int) -> dict:
     expert = (2 * h * f + f + h) * itemsize
     moe_layers = len([l for l in range(config.num_layers) if config.is_moe_layer(l)])
     dense_layers = config.num_layers - moe_layers
-    hit = E * (1 - (1 - min(k, E) / E) ** batch)  # expected distinct experts hit per MoE layer
+    if hit is None:
+        hit = E * (1 - (1 - min(k, E) / E) ** batch)  # expected distinct experts hit per MoE layer
     weights = (config.num_layers * (attn + 4 * h * itemsize) + dense_layers * dense_ffn
                + moe_layers * (hit * expert + E * h * 4) + V * h * itemsize)
     kv = config.num_layers * 2 * batch * context * h * itemsize
@@ -149,6 +152,38 @@ class FastTorchDecoder:
                 out = self.step(ids, pos)
             self.graphs[B] = (g, ids, pos, out)
         return self.graphs[B]
+
+
+class ExpertHits:
+    """Distinct experts each MoE layer routes to, counted from the torch model's gate during its forwards."""
+
+    def __init__(self, model):
+        import torch
+        self.counts: list[int] = []
+        self.active = False
+        self.handles = []
+        k = model.config.top_k
+        for block in model.layers:
+            if hasattr(block, "moe"):
+                def hook(module, args, k=k):
+                    if self.active:
+                        m = args[0].reshape(-1, args[0].shape[-1])
+                        experts = torch.topk(module.gate_probs(m), k, dim=-1).indices
+                        self.counts.append(int(torch.unique(experts).numel()))
+                self.handles.append(block.moe.register_forward_pre_hook(hook))
+
+    def measure(self, fn) -> float:
+        """Mean distinct experts hit per MoE layer during ``fn()``."""
+        self.counts, self.active = [], True
+        try:
+            fn()
+        finally:
+            self.active = False
+        return float(np.mean(self.counts)) if self.counts else 0.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _events_ms(fn, reps: int) -> float:
@@ -261,6 +296,16 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     progress(f"logits of a {input_len}-token prompt vs the torch model: max |diff| "
              f"{results['logits_max_abs_diff']:.3g} (max |logit| {results['logits_scale']:.3g}), argmax agreement "
              f"{results['logits_argmax_agreement']:.4f}")
+    hits = ExpertHits(model)
+    with torch.no_grad():
+        results["prefill"]["experts_hit"] = hits.measure(lambda: model(torch.tensor(long_prompt, device="cuda")))
+    E = cfg.num_experts
+    expert_bytes = (2 * cfg.hidden_size * cfg.ffn_hidden_size + cfg.ffn_hidden_size + cfg.hidden_size) * itemsize
+    moe_layers = sum(cfg.is_moe_layer(l) for l in range(cfg.num_layers))
+    unread = moe_layers * (E - results["prefill"]["experts_hit"]) * expert_bytes
+    results["prefill"]["floor_ms_hit_experts"] = results["prefill"]["floor_ms"] - unread / bw * 1e3
+    progress(f"the {P}-token prompt routes to {results['prefill']['experts_hit']:.1f} of {E} experts per MoE layer "
+             f"(floor counting only those: {results['prefill']['floor_ms_hit_experts']:.2f} ms)")
     fast = FastTorchDecoder(model, max(batches), input_len + output_len)
     for B in batches:
         row = {"batch": B}
@@ -277,6 +322,13 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
             agree = first.cpu().tolist() == [t[0] for t in ours[B]["tokens"]]
             row["first_token_agrees"] = bool(agree)
             past = torch.full((B,), input_len, device="cuda")
+            # distinct experts one decode step of these B sequences hits (sets the floor), from the eager model
+            probe = KVCache(cfg, B, input_len + output_len, model.dtype, "cuda")
+            for l in range(cfg.num_layers):
+                probe.k[l].copy_(cache.k[l])
+                probe.v[l].copy_(cache.v[l])
+            row["experts_hit"] = hits.measure(lambda: model(first[:, None], kv_cache=probe, past_lengths=past))
+            del probe
             if eager:
                 steps = 4
                 torch.cuda.synchronize()
@@ -295,10 +347,10 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
             row["torch_graph_second_token_agreement"] = float(np.mean(
                 [a == t[1] for a, t in zip(second, ours[B]["tokens"]) if len(t) > 1]))
             row["torch_graph_ms_per_token"] = _events_ms(g.replay, 50)
-        fl = step_bytes(cfg, itemsize, B, input_len)
+        fl = step_bytes(cfg, itemsize, B, input_len, row["experts_hit"])
         row["floor_ms_per_token"] = fl["total"] / bw * 1e3
         row["floor_bytes"] = fl["total"]
-        row["experts_hit_expected"] = fl["experts_hit"]
+        row["experts_hit_uniform"] = step_bytes(cfg, itemsize, B, input_len)["experts_hit"]
         row["prefill_floor_ms"] = (all_weight_bytes(cfg, itemsize)
                                    + cfg.num_layers * 2 * B * input_len * cfg.hidden_size * itemsize) / bw * 1e3
         row["ratio_to_floor"] = row["decode_ms_per_token"] / row["floor_ms_per_token"]
@@ -313,6 +365,7 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
             manifest.max_batch * manifest.max_seq * cfg.hidden_size * itemsize
         results["batches"].append(row)
     del fast
+    hits.remove()
     torch.cuda.empty_cache()
     if manifest.dtype == "fp16":  # accuracy: ours and PyTorch's fp16 against the same model in fp32
         model = model.float()

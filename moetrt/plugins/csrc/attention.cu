@@ -7,8 +7,12 @@
 // T == 1 (decode): split-K over the cache in chunks of kChunk keys, one block per (chunk, head, sequence); the
 // block owning slot past_lengths[b] writes the new K/V; the last block of a (sequence, head) to finish
 // combines the partial softmaxes (a counter per (b, h) in the workspace, left at zero afterwards).
-// T > 1 (prefill): K/V of all new tokens are written first, then one block per (64 queries, head, sequence)
-// walks key tiles of 64 with an online softmax; no T x T matrix exists beyond a tile.
+// T > 1 (prefill): K/V of all new tokens are written first, then one block per (query tile, head, sequence)
+// walks key tiles of 64 with an online softmax; no T x T matrix exists beyond a tile. fp16/bf16 with head_dim
+// 16..64 use tensor cores (WMMA: 4 warps x 16 queries; S = QK^T and PV in fp32 accumulators, the softmax in
+// fp32, P rounded to the input type for the PV product); other cases a scalar kernel (2 threads per query).
+#include <mma.h>
+
 #include "common.cuh"
 
 using namespace moetrt;
@@ -244,6 +248,156 @@ __global__ void __launch_bounds__(kPrefillThreads) attention_prefill_kernel(
   for (int i = 0; i < HALF; ++i) orow[i] = from_float<T>(acc[i] / l);
 }
 
+
+// Tensor-core prefill: a block of 4 warps owns 64 queries (16 per warp) of one (sequence, head).
+constexpr int kWQ = 64, kWK = 64, kWThreads = 128;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWThreads) attention_prefill_wmma_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
+    T* __restrict__ out, int tokens, int heads, int max_batch, int max_seq) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int VN = 16 / sizeof(T);  // elements per 16-byte vector
+  __shared__ __align__(32) T q_s[kWQ][D];
+  __shared__ __align__(32) T k_s[kWK][D];
+  __shared__ __align__(32) T v_s[kWK][D];
+  __shared__ __align__(32) float s_s[4][16][kWK];  // scores, then the P·V product of the tile
+  __shared__ __align__(32) T p_s[4][16][kWK];
+  const int q0 = blockIdx.x * kWQ, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int past = past_lengths[b];
+  const Layout L = cache_layout(max_batch, heads, max_seq, D);
+  const T* kcache = cache + b * L.batch_stride + h * L.head_stride;
+  const T* vcache = kcache + L.half;
+  const int64_t row_stride = int64_t(3) * heads * D;
+  for (int i = threadIdx.x; i < kWQ * D / VN; i += kWThreads) {
+    const int r = i / (D / VN), c = (i % (D / VN)) * VN;
+    Vec<T> v;
+    if (q0 + r < tokens) v.load(qkv + (int64_t(b) * tokens + q0 + r) * row_stride + h * 3 * D + c);
+    else v.raw = make_uint4(0, 0, 0, 0);
+    v.store(&q_s[r][c]);
+  }
+  // this lane's share of the warp's 16 rows: row lane/2, half the columns
+  const int row = lane / 2, half = lane % 2;
+  const int t = q0 + warp * 16 + row;
+  const int my_slot = past + t;
+  const bool valid = t < tokens;
+  constexpr int OC = D / 2;
+  float o[OC];
+#pragma unroll
+  for (int i = 0; i < OC; ++i) o[i] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  const float scale = rsqrtf(static_cast<float>(D));
+  const int last_slot = past + min(tokens, q0 + kWQ) - 1;
+  const int warp_last = past + min(tokens - 1, q0 + warp * 16 + 15);  // the warp's last query slot
+  using WT = T;
+  for (int k0 = 0; k0 <= last_slot; k0 += kWK) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kWK * D / VN; i += kWThreads) {
+      const int r = i / (D / VN), c = (i % (D / VN)) * VN;
+      Vec<T> kv, vv;
+      if (k0 + r <= last_slot) {
+        kv.load(kcache + int64_t(k0 + r) * D + c);
+        vv.load(vcache + int64_t(k0 + r) * D + c);
+      } else {
+        kv.raw = vv.raw = make_uint4(0, 0, 0, 0);
+      }
+      kv.store(&k_s[r][c]);
+      vv.store(&v_s[r][c]);
+    }
+    __syncthreads();
+    if (k0 > warp_last) continue;  // every key of the tile is after every query of this warp
+    // S = Q K^T for the warp's 16 queries x 64 keys
+#pragma unroll
+    for (int n = 0; n < kWK / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> bm;
+        wmma::load_matrix_sync(a, reinterpret_cast<const WT*>(&q_s[warp * 16][kk * 16]), D);
+        wmma::load_matrix_sync(bm, reinterpret_cast<const WT*>(&k_s[n * 16][kk * 16]), D);
+        wmma::mma_sync(acc, a, bm, acc);
+      }
+      wmma::store_matrix_sync(&s_s[warp][0][n * 16], acc, kWK, wmma::mem_row_major);
+    }
+    __syncwarp();
+    // online softmax over this tile's 64 columns: 2 lanes per row, 32 columns each
+    constexpr int HC = kWK / 2;
+    float sv[HC];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const int c = half * HC + j;
+      const bool vis = valid && k0 + c <= my_slot;
+      sv[j] = vis ? s_s[warp][row][c] * scale : -INFINITY;
+      tile_max = fmaxf(tile_max, sv[j]);
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    const float m_new = fmaxf(m, tile_max);
+    const float corr = m_new == -INFINITY ? 1.f : __expf(m - m_new);
+    float psum = 0.f;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const float pj = sv[j] == -INFINITY ? 0.f : __expf(sv[j] - m_new);
+      psum += pj;
+      p_s[warp][row][half * HC + j] = from_float<T>(pj);
+    }
+    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+    l = l * corr + psum;
+    m = m_new;
+    __syncwarp();
+    // the tile's P V (16 x D) into s_s, then added to this lane's accumulators
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < kWK / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::row_major> bm;
+        wmma::load_matrix_sync(a, reinterpret_cast<const WT*>(&p_s[warp][0][kk * 16]), kWK);
+        wmma::load_matrix_sync(bm, reinterpret_cast<const WT*>(&v_s[kk * 16][n * 16]), D);
+        wmma::mma_sync(acc, a, bm, acc);
+      }
+      wmma::store_matrix_sync(&s_s[warp][0][n * 16], acc, kWK, wmma::mem_row_major);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < OC; ++i) o[i] = o[i] * corr + s_s[warp][row][half * OC + i];
+    __syncwarp();
+  }
+  if (!valid) return;
+  T* orow = out + (int64_t(b) * tokens + t) * heads * D + h * D + half * OC;
+  const float inv = 1.f / l;
+#pragma unroll
+  for (int i = 0; i < OC; ++i) orow[i] = from_float<T>(o[i] * inv);
+}
+
+template <typename T>
+bool launch_prefill_wmma(const T* qkv, T* cache, const int32_t* past, T* out, int batch, int tokens, int heads,
+                         int head_dim, int max_batch, int max_seq, cudaStream_t stream) {
+  if constexpr (sizeof(T) != 2) {
+    return false;  // fp32: the scalar kernel
+  } else {
+    const dim3 grid((tokens + kWQ - 1) / kWQ, heads, batch);
+    switch (head_dim) {
+      case 16:
+        attention_prefill_wmma_kernel<T, 16><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        return true;
+      case 32:
+        attention_prefill_wmma_kernel<T, 32><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        return true;
+      case 64:
+        attention_prefill_wmma_kernel<T, 64><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        return true;
+      default:
+        return false;
+    }
+  }
+}
+
 template <typename T>
 int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int batch, int tokens, int heads,
                      int head_dim, int max_batch, int max_seq, float* partial, int32_t* counters, cudaStream_t stream) {
@@ -264,6 +418,8 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
     return launch_status();
   }
   kv_write_kernel<T><<<dim3(tokens, batch), 256, 0, stream>>>(qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);
+  if (launch_prefill_wmma<T>(qkv, cache, past, out, batch, tokens, heads, head_dim, max_batch, max_seq, stream))
+    return launch_status();
   const dim3 grid((tokens + kTile - 1) / kTile, heads, batch);
   switch (head_dim) {
     case 64: attention_prefill_kernel<T, 64><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
