@@ -412,12 +412,12 @@ def _graph_ms(rt, graph) -> float:
 def _print_table(r: dict) -> None:
     print(f"\n{r['device']}, {r['dtype']}, context {r['input_len']}, {r['output_len']} new tokens, copy "
           f"{r['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    head = ("batch", "prefill ms", "×floor", "decode ms/tok", "×floor", "graph ms", "×floor", "tok/s",
+    head = ("batch", "experts hit", "prefill ms", "×floor", "decode ms/tok", "×floor", "graph ms", "×floor", "tok/s",
             "torch graph", "torch eager", "vs graph", "vs eager")
     print(" | ".join(head))
     for row in r["batches"]:
         print(" | ".join([
-            str(row["batch"]), f"{row['prefill_ms']:.2f}", f"{row['prefill_ratio_to_floor']:.2f}",
+            str(row["batch"]), f"{row['experts_hit']:.1f}", f"{row['prefill_ms']:.2f}", f"{row['prefill_ratio_to_floor']:.2f}",
             f"{row['decode_ms_per_token']:.3f}", f"{row['ratio_to_floor']:.2f}", f"{row['decode_graph_ms']:.3f}",
             f"{row['graph_ratio_to_floor']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['torch_graph_ms_per_token']:.3f}",
             f"{row.get('torch_eager_ms_per_token', float('nan')):.2f}", f"{row['speedup_vs_torch_graph']:.2f}×",
@@ -425,7 +425,8 @@ def _print_table(r: dict) -> None:
     if "prefill" in r:
         p = r["prefill"]
         print(f"prefill of one {p['tokens']}-token prompt: {p['ms']:.2f} ms, {p['ratio_to_floor']:.2f}x its floor "
-              f"({p['floor_ms']:.2f} ms: every weight read once)")
+              f"({p['floor_ms']:.2f} ms: every weight read once); {p['ms'] / p['floor_ms_hit_experts']:.2f}x the floor "
+              f"of the {p['experts_hit']:.1f} experts per layer it routes to")
     row = r["batches"][0]
     print(f"device memory held by the runtime {row['device_bytes'] / 2**30:.2f} GiB; weights + KV cache "
           f"{row['weights_plus_kv_bytes'] / 2**30:.2f} GiB ({row['device_bytes'] / row['weights_plus_kv_bytes']:.3f}×)")
