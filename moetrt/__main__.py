@@ -1,3 +1,4 @@
 from moetrt.compiler.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # also keeps spawned worker processes (tensor parallelism) from running the CLI
+    raise SystemExit(main())

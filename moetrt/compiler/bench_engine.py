@@ -233,50 +233,30 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     # -- moetrt ------------------------------------------------------------------------------------------
     free0 = mem_get_info()[0]
     t0 = time.perf_counter()
-    rt = Runtime(engine_dir, device="cuda", progress=True)
-    progress(f"moetrt runtime loaded in {time.perf_counter() - t0:.1f} s "
-             f"({rt.engine.weight_bytes / 2**30:.2f} GiB weights, {rt.engine.activation_bytes / 2**20:.0f} MiB "
-             f"activations, {sum(c.nbytes for c in rt.engine.caches.values()) / 2**20:.0f} MiB KV cache)")
-    held = free0 - mem_get_info()[0]
+    tp = manifest.tensor_parallel
+    rt = Runtime(engine_dir, device="cuda", progress=True) if tp == 1 else Runtime(engine_dir, device="cuda")
+    if tp == 1:
+        progress(f"moetrt runtime loaded in {time.perf_counter() - t0:.1f} s "
+                 f"({rt.engine.weight_bytes / 2**30:.2f} GiB weights, {rt.engine.activation_bytes / 2**20:.0f} MiB "
+                 f"activations, {sum(c.nbytes for c in rt.engine.caches.values()) / 2**20:.0f} MiB KV cache)")
+        held = free0 - mem_get_info()[0]
+    else:  # the ranks are other processes on other GPUs: this process cannot see their memory
+        progress(f"moetrt runtime: {tp} ranks loaded in {time.perf_counter() - t0:.1f} s")
+        held = None
     prompts = {B: rng.integers(0, cfg.vocab_size, (B, input_len)).tolist() for B in batches}
     ours = {}
     for B in batches:
-        lengths = np.full(B, input_len, np.int32)
-        padded = np.asarray(prompts[B], np.int32)
-        for _ in range(2):  # warm-up (plans, cuBLASLt heuristics)
-            rt._prefill(padded, lengths)
-        rt.engine.stream.synchronize()
-        reps = 5
-        t = time.perf_counter()
-        for _ in range(reps):
-            rt._prefill(padded, lengths)
-        rt.engine.stream.synchronize()
-        prefill_ms = (time.perf_counter() - t) * 1e3 / reps
-        # decode as generate() runs it (graph replay + GPU sampling + the token back, one sync per token),
-        # timed between the first and the last token handed to the callback
-        stamps = []
-        rt.generate(prompts[B], output_len, callback=lambda step, tokens: stamps.append(time.perf_counter()))
-        stamps = []
-        out = rt.generate(prompts[B], output_len, callback=lambda step, tokens: stamps.append(time.perf_counter()))
-        token_ms = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
-        graph = rt.graphs[next(b for b in sorted(rt.graphs) if b >= B)]
-        replay_ms = _graph_ms(rt, graph)
-        held = max(held, free0 - mem_get_info()[0])
-        ours[B] = {"prefill_ms": prefill_ms, "decode_ms_per_token": token_ms, "decode_graph_ms": replay_ms,
-                   "tokens": out}
-        progress(f"moetrt B={B}: prefill {prefill_ms:.2f} ms, decode {token_ms:.3f} ms/token "
-                 f"(graph replay {replay_ms:.3f} ms)")
+        ours[B] = rt.measure(prompts[B], output_len)
+        if held is not None:
+            held = max(held, free0 - mem_get_info()[0])
+        progress(f"moetrt B={B}: prefill {ours[B]['prefill_ms']:.2f} ms, decode {ours[B]['decode_ms_per_token']:.3f} "
+                 f"ms/token (graph replay {ours[B]['decode_graph_ms']:.3f} ms"
+                 + (f", all-reduces {ours[B]['allreduce_ms_per_step']:.3f} ms" if manifest.tensor_parallel > 1 else "")
+                 + ")")
     # one long prompt: the prefill the floor is about (every expert is read)
-    P = min(prefill_len, manifest.max_seq, rt.max_tokens)
+    P = min(prefill_len, manifest.max_seq - 2, 4096)
     long_prompt = rng.integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
-    for _ in range(2):
-        rt._prefill(long_prompt, np.array([P], np.int32))
-    rt.engine.stream.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        rt._prefill(long_prompt, np.array([P], np.int32))
-    rt.engine.stream.synchronize()
-    ms = (time.perf_counter() - t) * 1e3 / 5
+    ms = rt.measure(long_prompt.tolist(), 2)["prefill_ms"]
     floor = (all_weight_bytes(cfg, itemsize) + cfg.num_layers * 2 * P * cfg.hidden_size * itemsize) / bw * 1e3
     results["prefill"] = {"tokens": P, "ms": ms, "floor_ms": floor, "ratio_to_floor": ms / floor}
     progress(f"moetrt prefill of 1 x {P}: {ms:.2f} ms, floor {floor:.2f} ms ({ms / floor:.2f}x)")
@@ -360,6 +340,8 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
         if "torch_eager_ms_per_token" in row:
             row["speedup_vs_torch_eager"] = row["torch_eager_ms_per_token"] / row["decode_ms_per_token"]
         row["tokens_per_s"] = B / row["decode_ms_per_token"] * 1e3
+        row["tensor_parallel"] = tp
+        row["allreduce_ms_per_step"] = ours[B]["allreduce_ms_per_step"]
         row["device_bytes"] = held
         row["weights_plus_kv_bytes"] = all_weight_bytes(cfg, itemsize) + manifest.config.num_layers * 2 * \
             manifest.max_batch * manifest.max_seq * cfg.hidden_size * itemsize
@@ -393,22 +375,6 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     return results
 
 
-def _graph_ms(rt, graph) -> float:
-    """GPU time of one decode-graph replay (CUDA events around 50 back-to-back replays)."""
-    from moetrt.engines.cuda import Event
-    start, stop = Event(), Event()
-    try:
-        graph.launch()
-        start.record(rt.engine.stream)
-        for _ in range(50):
-            graph.launch()
-        stop.record(rt.engine.stream)
-        return stop.elapsed_ms(start) / 50
-    finally:
-        start.destroy()
-        stop.destroy()
-
-
 def _print_table(r: dict) -> None:
     print(f"\n{r['device']}, {r['dtype']}, context {r['input_len']}, {r['output_len']} new tokens, copy "
           f"{r['copy_bytes_per_s'] / 1e12:.2f} TB/s")
@@ -428,8 +394,12 @@ def _print_table(r: dict) -> None:
               f"({p['floor_ms']:.2f} ms: every weight read once); {p['ms'] / p['floor_ms_hit_experts']:.2f}x the floor "
               f"of the {p['experts_hit']:.1f} experts per layer it routes to")
     row = r["batches"][0]
-    print(f"device memory held by the runtime {row['device_bytes'] / 2**30:.2f} GiB; weights + KV cache "
-          f"{row['weights_plus_kv_bytes'] / 2**30:.2f} GiB ({row['device_bytes'] / row['weights_plus_kv_bytes']:.3f}×)")
+    if row["device_bytes"] is not None:
+        print(f"device memory held by the runtime {row['device_bytes'] / 2**30:.2f} GiB; weights + KV cache "
+              f"{row['weights_plus_kv_bytes'] / 2**30:.2f} GiB ({row['device_bytes'] / row['weights_plus_kv_bytes']:.3f}×)")
+    if row.get("tensor_parallel", 1) > 1:
+        print("all-reduce time per decode step (alone): " + ", ".join(
+            f"B={x['batch']} {x['allreduce_ms_per_step']:.3f} ms" for x in r["batches"]))
 
 
 def _plot(r: dict, path) -> None:

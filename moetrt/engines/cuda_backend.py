@@ -68,8 +68,9 @@ class StepPlan:
 
 class CudaEngine:
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
-                 progress: bool = False):
+                 progress: bool = False, comm=None):
         self.program = program
+        self.comm = comm  # an NCCL communicator (distributed.Nccl) for the AllReduce nodes of a tp > 1 rank
         self.max_batch, self.max_seq = max_batch, max_seq
         self.max_tokens = max_tokens
         self.max_rows = max(max_batch, max_logit_rows)
@@ -101,10 +102,10 @@ class CudaEngine:
                 self.root[op.outputs[0]] = self.resolve(op.inputs[0])
             elif op.kind == "attention":
                 self.root[op.outputs[1]] = op.inputs[1]
-            elif op.kind == "all_reduce" and op.attrs.get("tp_size", 1) > 1:
-                raise MoetrtError(f"node {op.node!r}: AllReduce over {op.attrs['tp_size']} ranks; a tensor-parallel "
-                                  "engine runs one process per GPU, which this runtime does not launch yet")
-            elif op.kind == "all_reduce":
+            elif op.kind == "all_reduce":  # in place
+                if op.attrs.get("tp_size", 1) > 1 and (self.comm is None or self.comm.size != op.attrs["tp_size"]):
+                    raise MoetrtError(f"node {op.node!r}: AllReduce over {op.attrs['tp_size']} ranks needs a "
+                                      f"communicator of that size (have {getattr(self.comm, 'size', None)})")
                 self.root[op.outputs[0]] = self.resolve(op.inputs[0])
         final = [op for op in p.ops if "logits" in op.outputs]
         if len(final) != 1 or final[0].kind != "gemm":
@@ -341,7 +342,12 @@ class CudaEngine:
         default_rows = None
         for op in p.ops:
             ins, outs = op.inputs, op.outputs
-            if op.kind in ("alias", "select", "all_reduce"):
+            if op.kind == "all_reduce":
+                if op.attrs.get("tp_size", 1) > 1:
+                    view = self._view(ins[0], shapes[ins[0]])
+                    launches.append(self.comm.all_reduce_launch(view, self.stream.ptr))
+                continue
+            if op.kind in ("alias", "select"):
                 continue
             if op is self.head:
                 src_shape = shapes[self.head_source]
@@ -424,6 +430,20 @@ class CudaEngine:
         plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms)
         self.plans[key] = plan
         return plan
+
+    def time_all_reduces(self, B: int, start, stop, reps: int = 20) -> float:
+        """Milliseconds of one decode step's all-reduces alone (each on a [B, hidden] buffer); 0 without any."""
+        n = sum(1 for op in self.program.ops if op.kind == "all_reduce" and op.attrs.get("tp_size", 1) > 1)
+        if not n or self.comm is None:
+            return 0.0
+        view = self.head_rows.view((B, self.hidden), self.dtype)
+        call = self.comm.all_reduce_launch(view, self.stream.ptr)
+        call()
+        start.record(self.stream)
+        for _ in range(reps * n):
+            call()
+        stop.record(self.stream)
+        return stop.elapsed_ms(start) / reps
 
     def drop_plan(self, key: tuple) -> None:
         plan = self.plans.pop(key, None)

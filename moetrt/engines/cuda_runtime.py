@@ -39,15 +39,17 @@ def decode_buckets(max_batch: int) -> list[int]:
 
 class CudaRuntime:
     def __init__(self, engine_dir: str | Path, manifest: EngineManifest, max_tokens: int | None = None,
-                 progress: bool = False, use_graphs: bool = True):
+                 progress: bool = False, use_graphs: bool = True, rank: int = 0, comm=None):
+        """``rank``/``comm``: this process's tensor-parallel rank and its NCCL communicator (``distributed``)."""
         self.use_graphs = use_graphs
+        self.rank = rank
         self.engine_dir, self.manifest, self.config = Path(engine_dir), manifest, manifest.config
         if manifest.plugin_abi_version != PLUGIN_ABI_VERSION:
             raise MoetrtError(f"{engine_dir}: built for plugin ABI {manifest.plugin_abi_version}; this moetrt "
                               f"runs ABI {PLUGIN_ABI_VERSION}; recompile the engine")
-        if manifest.tensor_parallel != 1:
-            raise MoetrtError(f"{engine_dir}: a tensor-parallel engine ({manifest.tensor_parallel} ranks) needs one "
-                              "process per GPU; the single-GPU runtime runs tp=1 engines")
+        if manifest.tensor_parallel != 1 and comm is None:
+            raise MoetrtError(f"{engine_dir}: a tensor-parallel engine ({manifest.tensor_parallel} ranks) runs one "
+                              "process per GPU: use Runtime(engine_dir, device='cuda'), which starts them")
         if manifest.dtype not in _NP:
             raise MoetrtError(f"{engine_dir}: dtype {manifest.dtype} is not supported by the GPU runtime")
         self.max_tokens = int(max_tokens or min(manifest.max_batch * manifest.max_seq, 4096))
@@ -57,9 +59,9 @@ class CudaRuntime:
         self.engine = None
         self.pinned = None
         self.graphs: dict[int, cuda.Graph] = {}
-        program = analyze(self.engine_dir / "rank0" / "model.onnx")
+        program = analyze(self.engine_dir / f"rank{rank}" / "model.onnx")
         self.engine = CudaEngine(program, manifest.max_batch, manifest.max_seq, self.max_tokens,
-                                 max_logit_rows=min(self.max_tokens, 1024), progress=progress)
+                                 max_logit_rows=min(self.max_tokens, 1024), progress=progress, comm=comm)
         try:
             e = self.engine
             self.cache_dtype = _NP[manifest.dtype]
@@ -280,6 +282,43 @@ class CudaRuntime:
     @property
     def device_bytes(self) -> int:
         return self.engine.device_bytes
+
+    def measure(self, prompts, output_len: int, reps: int = 5) -> dict:
+        """Timings for ``bench``: prefill of the prompts, per-token decode as ``generate`` delivers it (timed
+        between the first and last streamed token), GPU time of one decode-graph replay, and the time of one
+        step's all-reduces alone (tensor-parallel engines)."""
+        from moetrt.engines.cuda import Event
+        import time
+        self._check_open()
+        padded = np.asarray(prompts, np.int32)
+        lengths = np.full(len(prompts), padded.shape[1], np.int32)
+        for _ in range(2):
+            self._prefill(padded, lengths)
+        self.engine.stream.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            self._prefill(padded, lengths)
+        self.engine.stream.synchronize()
+        prefill_ms = (time.perf_counter() - t) * 1e3 / reps
+        self.generate(prompts, output_len)
+        stamps = []
+        out = self.generate(prompts, output_len, callback=lambda step, tokens: stamps.append(time.perf_counter()))
+        token_ms = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
+        graph = self.graphs[next(b for b in sorted(self.graphs) if b >= len(prompts))]
+        start, stop = Event(), Event()
+        try:
+            graph.launch()
+            start.record(self.engine.stream)
+            for _ in range(50):
+                graph.launch()
+            stop.record(self.engine.stream)
+            graph_ms = stop.elapsed_ms(start) / 50
+            allreduce_ms = self.engine.time_all_reduces(len(prompts), start, stop)
+        finally:
+            start.destroy()
+            stop.destroy()
+        return {"prefill_ms": prefill_ms, "decode_ms_per_token": token_ms, "decode_graph_ms": graph_ms,
+                "allreduce_ms_per_step": allreduce_ms, "tokens": out}
 
     def close(self) -> None:
         """Free every device and pinned allocation (idempotent)."""

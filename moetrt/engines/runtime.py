@@ -33,14 +33,18 @@ def gpu_available() -> bool:
 
 class Runtime:
     """``Runtime(engine_dir, device)``: for ``device="cuda"`` (or ``"auto"`` with a GPU) this constructs and
-    returns a ``CudaRuntime``, which has the same ``logits``/``generate``/``run`` API (and ``close``)."""
+    returns a ``CudaRuntime`` (or, for a tensor-parallel engine, a ``distributed.TPRuntime`` driving one
+    process per GPU), which have the same ``logits``/``generate``/``run`` API (and ``close``)."""
 
     def __new__(cls, engine_dir: str | Path, device: str = "cpu", **options):
         if device not in DEVICES:
             raise MoetrtError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if device == "cuda" or (device == "auto" and gpu_available()):
-            from moetrt.engines.cuda_runtime import CudaRuntime
             manifest = EngineManifest.read(Path(engine_dir))
+            if manifest.tensor_parallel > 1:  # one process per GPU
+                from moetrt.engines.distributed import TPRuntime
+                return TPRuntime(engine_dir, manifest, **options)
+            from moetrt.engines.cuda_runtime import CudaRuntime
             return CudaRuntime(engine_dir, manifest, **options)
         return super().__new__(cls)
 
