@@ -13,10 +13,8 @@ the KV-cache outputs) share their source's memory.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

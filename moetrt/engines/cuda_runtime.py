@@ -9,7 +9,6 @@ goes through the LM head. A prefill longer than the runtime's token budget is ru
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
