@@ -398,11 +398,19 @@ class CudaEngine:
                 x, w, bias = ins
                 K, Nout = op.attrs["K"], op.attrs["N"]
                 M = int(np.prod(shapes[x][:-1]))
-                g = Gemm(self.gemm_ctx, M, Nout, K, self.dtype, self._view(x, (M, K)).ptr, self._view(w, ()).ptr,
-                         self._view(outs[0], (M, Nout)).ptr, self._view(bias, ()).ptr if bias else None,
-                         self.stream, op.node, op.attrs["trans"])
+                act = op.attrs.get("act")
+                xv, yv = self._view(x, (M, K)), self._view(outs[0], (M, Nout))
+                bv = self._view(bias, ()) if bias else None
+                if op.attrs["trans"] and M <= launch.GEMV_MAX_ROWS and K % 8 == 0:
+                    # decode: one pass over W [N, K] with bias and activation fused (faster than cuBLASLt here)
+                    launches.append(launch.gemv(xv, self._view(w, ()), bv, yv, act or "none", stream=s, defer=True))
+                    continue
+                g = Gemm(self.gemm_ctx, M, Nout, K, self.dtype, xv.ptr, self._view(w, ()).ptr, yv.ptr,
+                         bv.ptr if bv is not None and act is None else None, self.stream, op.node, op.attrs["trans"])
                 gemms.append(g)
                 launches.append(g.launch)
+                if act is not None:  # bias + activation in place after the GEMM
+                    launches.append(launch.bias_act(yv, bv, yv, act, stream=s, defer=True))
             elif op.kind == "bias_act":
                 x, bias = ins
                 n, c = int(np.prod(shapes[x][:-1])), shapes[x][-1]

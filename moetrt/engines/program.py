@@ -203,16 +203,22 @@ def analyze(model_path: str | Path) -> Program:
             if len(inits[w].shape) != 2:
                 raise UnsupportedNode(f"{_where(n)}: weight {w!r} must be 2-D, got {inits[w].shape}")
             K, N = inits[w].shape[::-1] if trans else inits[w].shape
-            out, bias = n.output[0], None
+            out, bias, act = n.output[0], None, None
             users = consumers.get(out, [])
-            if len(users) == 1 and users[0].op_type == "Add" and out not in outputs:
+            if len(users) == 1 and users[0].op_type == "BiasAct" and users[0].input[0] == out and \
+                    users[0].input[1] in inits and out not in outputs:  # bias + activation after the GEMM
+                bias = need_weight(users[0].input[1], users[0])
+                act = _attrs(users[0]).get("activation", "gelu_tanh")
+                fused.add(id(users[0]))
+                out = users[0].output[0]
+            elif len(users) == 1 and users[0].op_type == "Add" and out not in outputs:
                 add = users[0]
                 other = add.input[1] if add.input[0] == out else add.input[0]
                 if other in inits and inits[other].shape == (N,):
                     bias = need_weight(other, add)
                     fused.add(id(add))
                     out = add.output[0]
-            steps.append(("op", Op("gemm", n.name, [x, w, bias], [out], {"K": K, "N": N, "trans": trans})))
+            steps.append(("op", Op("gemm", n.name, [x, w, bias], [out], {"K": K, "N": N, "trans": trans, "act": act})))
             device.add(out)
             continue
         elif op == "Add" and len(ins) == 2 and any(i in device for i in ins) and any(

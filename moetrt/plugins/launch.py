@@ -26,6 +26,7 @@ _SIGNATURES = {
     "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
+    "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
 
@@ -286,3 +287,27 @@ def sample(logits, out_tokens, temperature: float = 0.0, top_k: int = 0, top_p: 
     mask = (1 << 64) - 1
     return _launch("moetrt_sample", (x.ptr, o.ptr, x.shape[0], x.shape[1], temperature, top_k, top_p,
                                      seed & mask, step & mask, DTYPE_CODES[x.dtype], stream), "sample", defer)
+
+
+GEMV_MAX_ROWS = 8
+
+
+def gemv(x, weight, bias, y, activation: str = "none", stream: int = 0, defer: bool = False):
+    """``y = act(x @ weight.T + bias)`` for ``x [M, K]`` with M <= 8, ``weight [N, K]``, ``bias [N]`` or None."""
+    a, w, o = DeviceArray.of(x, "x"), DeviceArray.of(weight, "weight"), DeviceArray.of(y, "y")
+    if len(a.shape) != 2 or len(w.shape) != 2:
+        raise KernelError(f"gemv: expected x [M, K] and weight [N, K], got {a.shape}, {w.shape}")
+    (M, K), (N, _) = a.shape, w.shape
+    if not 1 <= M <= GEMV_MAX_ROWS:
+        raise KernelError(f"gemv: x has {M} rows; at most {GEMV_MAX_ROWS}")
+    _expect(a, "x", (M, K), _float_dtypes())
+    _expect(w, "weight", (N, K), (a.dtype,))
+    _expect(o, "y", (M, N), (a.dtype,))
+    if K % (4 if a.dtype == "fp32" else 8):
+        raise KernelError(f"gemv: K = {K} must be a multiple of 16 bytes of {a.dtype}")
+    b = None
+    if bias is not None:
+        b = DeviceArray.of(bias, "bias")
+        _expect(b, "bias", (N,), (a.dtype,))
+    return _launch("moetrt_gemv", (a.ptr, w.ptr, b.ptr if b else None, o.ptr, M, N, K, _activation(activation),
+                                   DTYPE_CODES[a.dtype], stream), "gemv", defer)

@@ -225,6 +225,18 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
         np.testing.assert_allclose(rt.logits(ids), model(torch.tensor(ids)).numpy(), rtol=0, atol=2e-3)
         prompts = [[4, 5, 6], [9]]
         assert rt.generate(prompts, 16) == model.generate(prompts, 16)
+    # fp16: decode GEMMs take the GEMV kernel (W read as [out, in]); logits as accurate as PyTorch's fp16
+    engine16 = compile(ckpt, tmp_path / "e16", dtype="fp16", max_batch=2, max_seq=64)
+    exact = load(ckpt, torch.float64)
+    with torch.no_grad():
+        torch16 = load(ckpt, torch.float16).cuda()
+        for B, T in ((1, 1), (2, 9)):  # M = 1 and M = 18 (cuBLASLt) rows
+            x = np.random.default_rng(B).integers(0, 2048, (B, T))
+            ref = exact(torch.tensor(x)).numpy()
+            theirs = np.abs(torch16(torch.tensor(x).cuda()).double().cpu().numpy() - ref).max(-1)
+            with Runtime(engine16, device="cuda") as rt:
+                ours = np.abs(rt.logits(x) - ref).max(-1)
+            assert np.median(ours) < 2 * np.median(theirs) + 2e-3
 
 
 def test_validate_with_the_gpu_runner(engine16):

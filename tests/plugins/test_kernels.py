@@ -69,6 +69,26 @@ def test_bias_act(dtype, activation):
     assert rel_err(y, bias_act_reference(cpu(x), cpu(bias), activation)) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows, n, k, activation, with_bias", [
+    (1, 3072, 1024, "none", True), (3, 1024, 4096, "none", True), (8, 4096, 1024, "gelu_tanh", True),
+    (5, 200, 64, "gelu", False), (2, 7, 16, "none", False)])
+def test_gemv(dtype, rows, n, k, activation, with_bias):
+    """The decode GEMM: y = act(x W^T + b), W [n, k]; fp32 accumulation, one rounding of the output."""
+    dt = DTYPES[dtype]
+    x = torch.randn(rows, k, device="cuda").to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = torch.randn(n, device="cuda").to(dt) if with_bias else None
+    y = poisoned((rows, n), dt)
+    launch.gemv(x, w, b, y, activation)
+    torch.cuda.synchronize()
+    pre = cpu(x) @ cpu(w).T + (cpu(b) if with_bias else 0.0)
+    ref = pre if activation == "none" else bias_act_reference(pre, np.zeros(n), activation)
+    assert rel_err(y, ref) < BOUND[dtype]
+    with pytest.raises(Exception, match="at most 8"):
+        launch.gemv(torch.zeros(9, k, device="cuda", dtype=dt), w, b, poisoned((9, n), dt))
+
+
 # -- attention ---------------------------------------------------------------------------------------
 
 def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq):

@@ -70,3 +70,8 @@ MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* ds
 // top_k 1 is greedy; top_k 0 and top_p 1 are off; (seed, step, row) seed the row's random number.
 MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch, int64_t vocab, float temperature,
                              int top_k, float top_p, uint64_t seed, uint64_t step, int dtype, cudaStream_t stream);
+
+// y[m, :] = act(x[m, :] @ weight^T + bias) for m < rows <= 8; x [rows, k], weight [n, k] (out, in), bias [n] or
+// NULL, y [rows, n]; activation as above (2 = none). k % (16 / sizeof(T)) == 0. For decode-sized GEMMs.
+MOETRT_API int moetrt_gemv(const void* x, const void* weight, const void* bias, void* y, int64_t rows, int64_t n,
+                           int64_t k, int activation, int dtype, cudaStream_t stream);
