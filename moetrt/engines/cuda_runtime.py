@@ -17,6 +17,7 @@ import numpy as np
 from moetrt.engines import cuda
 from moetrt.engines.cuda_backend import CudaEngine
 from moetrt.engines.format import EngineManifest
+from moetrt.engines.gemm import time_us
 from moetrt.engines.program import analyze
 from moetrt.engines.sampling import check_params
 from moetrt.errors import MoetrtError
@@ -262,11 +263,16 @@ class CudaRuntime:
         shapes += [(1, T, 1) for T in prefill_tokens if T <= min(self.max_tokens, self.manifest.max_seq)]
         entries: dict[str, dict] = {}
         for B, T, rows in shapes:
-            plan = e.plan(B, T, rows)
+            plan = e.plan(B, T, rows, gemv=False)  # every GEMM on cuBLASLt, to time both ways
             for g in plan.gemms:
                 if g.key not in entries:
                     algo, us = g.tune()
                     entries[g.key] = {"algo": algo, "us": round(us, 2)}
+            for key, calls, gemv_call in plan.gemv_candidates:
+                if key not in entries:
+                    lib = time_us(e.stream, lambda: [c() for c in calls])
+                    ours = time_us(e.stream, gemv_call)
+                    entries[key] = {"gemv": ours < lib, "us_gemv": round(ours, 2), "us_cublaslt": round(lib, 2)}
             if progress:
                 progress(f"      tuned the GEMMs of a {B}x{T} step")
         e.stream.synchronize()

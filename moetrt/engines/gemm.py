@@ -40,6 +40,22 @@ def _set(setter, handle, attr, dtype_fn, value) -> None:
     setter(handle, attr, arr.ctypes.data, arr.itemsize)
 
 
+def time_us(stream: Stream, fn, iterations: int = 20) -> float:
+    """Microseconds per call of ``fn()`` enqueued on ``stream`` (CUDA events, after 3 warm-up calls)."""
+    start, stop = Event(), Event()
+    try:
+        for _ in range(3):
+            fn()
+        start.record(stream)
+        for _ in range(iterations):
+            fn()
+        stop.record(stream)
+        return stop.elapsed_ms(start) * 1000 / iterations
+    finally:
+        start.destroy()
+        stop.destroy()
+
+
 class GemmContext:
     """The cuBLASLt handle, the shared workspace and the tuning cache of one runtime."""
 
@@ -51,6 +67,7 @@ class GemmContext:
         self.device_name = device_name
         self.tuning_path = tuning_path
         self.tuned: dict[str, str] = {}
+        self.gemv: dict[str, bool] = {}  # decode shapes: our GEMV kernel (True) or cuBLASLt, as timed
         self.heuristic_cache: dict[str, np.ndarray] = {}
         self.alpha = np.ones(1, np.float32)
         self.beta = np.zeros(1, np.float32)
@@ -60,14 +77,18 @@ class GemmContext:
             except ValueError:
                 data = {}
             if data.get("device") == device_name and data.get("cublaslt_version") == self.version:
-                self.tuned = {k: v["algo"] for k, v in data.get("entries", {}).items()}
+                self.load_entries(data.get("entries", {}))
+
+    def load_entries(self, entries: dict) -> None:
+        self.tuned = {k: v["algo"] for k, v in entries.items() if "algo" in v}
+        self.gemv = {k: v["gemv"] for k, v in entries.items() if "gemv" in v}
 
     def save_tuning(self, entries: dict[str, dict]) -> None:
         if self.tuning_path is None:
             return
         data = {"device": self.device_name, "cublaslt_version": self.version, "entries": entries}
         self.tuning_path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        self.tuned = {k: v["algo"] for k, v in entries.items()}
+        self.load_entries(entries)
 
     def destroy(self) -> None:
         if self.handle is not None:

@@ -266,6 +266,7 @@ def test_tuned_gemm_algorithms_are_cached_and_give_the_same_tokens(engine16, tmp
     entries = tune_engine(other)
     saved = json.loads((other / "rank0" / "gemm_algos.json").read_text())
     assert saved["entries"].keys() == entries.keys() and len(entries) >= 4
+    assert any("algo" in v for v in entries.values()) and any("gemv" in v for v in entries.values())
     prompts = [[3, 1, 4], [1, 5]]
     with Runtime(engine16, device="cuda") as a, Runtime(other, device="cuda") as b:
         assert b.engine.gemm_ctx.tuned and a.generate(prompts, 16) == b.generate(prompts, 16)
