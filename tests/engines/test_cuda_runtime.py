@@ -237,6 +237,11 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
             with Runtime(engine16, device="cuda") as rt:
                 ours = np.abs(rt.logits(x) - ref).max(-1)
             assert np.median(ours) < 2 * np.median(theirs) + 2e-3
+    from moetrt.compiler.pipeline import tune_engine
+    entries = tune_engine(engine16)  # times GEMV against cuBLASLt for the decode shapes
+    assert any("gemv" in v for v in entries.values())
+    with Runtime(engine16, device="cuda") as rt:
+        assert rt.generate([[4, 5, 6]], 8) == rt.generate([[4, 5, 6]], 8)
 
 
 def test_validate_with_the_gpu_runner(engine16):
@@ -266,7 +271,7 @@ def test_tuned_gemm_algorithms_are_cached_and_give_the_same_tokens(engine16, tmp
     entries = tune_engine(other)
     saved = json.loads((other / "rank0" / "gemm_algos.json").read_text())
     assert saved["entries"].keys() == entries.keys() and len(entries) >= 4
-    assert any("algo" in v for v in entries.values()) and any("gemv" in v for v in entries.values())
+    assert all("algo" in v for v in entries.values())  # tiny weights are folded [in, out]: no GEMV candidates
     prompts = [[3, 1, 4], [1, 5]]
     with Runtime(engine16, device="cuda") as a, Runtime(other, device="cuda") as b:
         assert b.engine.gemm_ctx.tuned and a.generate(prompts, 16) == b.generate(prompts, 16)
