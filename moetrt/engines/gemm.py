@@ -41,19 +41,24 @@ def _set(setter, handle, attr, dtype_fn, value) -> None:
 
 
 def time_us(stream: Stream, fn, iterations: int = 20) -> float:
-    """Microseconds per call of ``fn()`` enqueued on ``stream`` (CUDA events, after 3 warm-up calls)."""
+    """Microseconds per call of ``fn()``, as replayed from a CUDA graph of ``iterations`` calls (as in a decode
+    step: no host launch overhead in the figure)."""
+    from moetrt.engines.cuda import Graph
+    fn()
+    stream.synchronize()
+    graph = Graph(stream, lambda: [fn() for _ in range(iterations)])
     start, stop = Event(), Event()
     try:
-        for _ in range(3):
-            fn()
+        graph.launch()
         start.record(stream)
-        for _ in range(iterations):
-            fn()
+        for _ in range(3):
+            graph.launch()
         stop.record(stream)
-        return stop.elapsed_ms(start) * 1000 / iterations
+        return stop.elapsed_ms(start) * 1000 / (3 * iterations)
     finally:
         start.destroy()
         stop.destroy()
+        graph.destroy()
 
 
 class GemmContext:
@@ -157,28 +162,17 @@ class Gemm:
                       y, self.d, y, self.d, self.algo.ctypes.data, ctx.workspace_ptr, WORKSPACE_BYTES,
                       self.stream.ptr)
 
-    def tune(self, iterations: int = 20) -> tuple[str, float]:
-        """Time each heuristic candidate here (operands as bound) and keep the fastest; (algo hex, µs)."""
+    def tune(self) -> tuple[str, float]:
+        """Time each heuristic candidate here (operands as bound, in a CUDA graph) and keep the fastest."""
         best = None
-        start, stop = Event(), Event()
-        try:
-            for cand in self.candidates():
-                self.algo[0] = cand["algo"]
-                try:
-                    for _ in range(3):
-                        self.launch()
-                    start.record(self.stream)
-                    for _ in range(iterations):
-                        self.launch()
-                    stop.record(self.stream)
-                    us = stop.elapsed_ms(start) * 1000 / iterations
-                except Exception:  # a candidate the bindings reject at run time is skipped
-                    continue
-                if best is None or us < best[1]:
-                    best = (self.algo.tobytes().hex(), us)
-        finally:
-            start.destroy()
-            stop.destroy()
+        for cand in self.candidates():
+            self.algo[0] = cand["algo"]
+            try:
+                us = time_us(self.stream, self.launch)
+            except Exception:  # a candidate that fails at run time is skipped
+                continue
+            if best is None or us < best[1]:
+                best = (self.algo.tobytes().hex(), us)
         if best is None:
             raise CudaError(f"{self.what}: no cuBLASLt candidate ran for {self.key}")
         self.algo = np.frombuffer(bytes.fromhex(best[0]), dtype=self.ctx.lt.matmul_algo_dtype).copy()

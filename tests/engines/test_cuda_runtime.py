@@ -213,7 +213,7 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
     TRANSA instead of a transposed copy."""
     from moetrt.models.checkpoints import init_checkpoint
     from moetrt.models.config import ModelConfig
-    config = ModelConfig(vocab_size=2048, hidden_size=256, num_layers=2, num_heads=4, ffn_hidden_size=2048,
+    config = ModelConfig(vocab_size=2048, hidden_size=512, num_layers=2, num_heads=8, ffn_hidden_size=2048,
                          max_position_embeddings=128, num_experts=4, moe_layers=(1,), top_k=2)
     ckpt = init_checkpoint(tmp_path / "c", config, "moetrt", torch.float32, seed=3)
     engine = compile(ckpt, tmp_path / "e", dtype="fp32", max_batch=2, max_seq=64)
@@ -227,6 +227,7 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
         assert rt.generate(prompts, 16) == model.generate(prompts, 16)
     # fp16: decode GEMMs take the GEMV kernel (W read as [out, in]); logits as accurate as PyTorch's fp16
     engine16 = compile(ckpt, tmp_path / "e16", dtype="fp16", max_batch=2, max_seq=64)
+    assert any(op.attrs.get("trans") for op in analyze(engine16 / "rank0" / "model.onnx").ops if op.kind == "gemm")
     exact = load(ckpt, torch.float64)
     with torch.no_grad():
         torch16 = load(ckpt, torch.float16).cuda()
