@@ -20,7 +20,7 @@ import numpy as np
 
 from moetrt.engines import cuda
 from moetrt.engines.gemm import WORKSPACE_BYTES, Gemm, GemmContext, TUNING_FILE
-from moetrt.engines.program import Op, Program, alias_shape, eval_host, _slices
+from moetrt.engines.program import Program, _slices, propagate
 from moetrt.errors import MoetrtError
 from moetrt.plugins import launch
 from moetrt.plugins.kernels import load_library
@@ -165,12 +165,7 @@ class CudaEngine:
 
     @property
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
-        import onnx
-        if not hasattr(self, "_cache_shapes"):
-            model = onnx.load(str(self.program.base_dir / "model.onnx"), load_external_data=False)
-            self._cache_shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
-                                  for i in model.graph.input if i.name.startswith("kv_cache_")}
-        return self._cache_shapes
+        return self.program.cache_shapes
 
     def _upload_weights(self, progress: bool) -> None:
         p = self.program
@@ -217,38 +212,7 @@ class CudaEngine:
 
     # -- shapes and buffer planning -----------------------------------------------------------------------
     def propagate(self, B: int, T: int) -> tuple[dict, dict]:
-        """Shapes of the device tensors and values of the host tensors for a step of B sequences × T tokens."""
-        p = self.program
-        shapes: dict[str, tuple] = {"input_ids": (B, T), "position_ids": (B, T), "past_lengths": (B,)}
-        shapes.update({name: tuple(s) for name, s in self.cache_shapes.items()})
-        values = {name: init.array(p.base_dir) for name, init in p.initializers.items()
-                  if init.offset is None and init.dtype in ("int64", "int32")}
-        for kind, step in p.steps:
-            if kind == "host":
-                eval_host(step, values, shapes)
-                continue
-            op: Op = step
-            ins = op.inputs
-            if op.kind == "embed_ln":
-                h = p.initializers[ins[2]].shape[1]
-                shapes[op.outputs[0]] = shapes[op.outputs[1]] = (*shapes[ins[0]], h)
-            elif op.kind in ("add_layernorm",):
-                shapes[op.outputs[0]] = shapes[op.outputs[1]] = shapes[ins[0]]
-            elif op.kind == "gemm":
-                shapes[op.outputs[0]] = (*shapes[ins[0]][:-1], op.attrs["N"])
-            elif op.kind in ("bias_act", "moe", "all_reduce"):
-                shapes[op.outputs[0]] = shapes[ins[0]]
-            elif op.kind == "attention":
-                b, t, three_h = shapes[ins[0]]
-                shapes[op.outputs[0]] = (b, t, three_h // 3)
-                shapes[op.outputs[1]] = shapes[ins[1]]
-            elif op.kind == "alias":
-                shapes[op.outputs[0]] = alias_shape(op, shapes, values)
-            elif op.kind == "select":
-                src = shapes[ins[0]]
-                sl = _slices(src, *[values[i] for i in ins[1:] if i])
-                shapes[op.outputs[0]] = tuple(len(range(*s.indices(d))) for s, d in zip(sl, src))
-        return shapes, values
+        return propagate(self.program, self.cache_shapes, B, T)
 
     def _plan_buffers(self) -> None:
         """Give every activation a buffer, reusing buffers whose tensors are dead (sized for the largest step)."""

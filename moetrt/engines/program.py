@@ -72,6 +72,7 @@ class Program:
     act_dtype: str
     outputs: list[str]
     base_dir: Path
+    cache_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def ops(self) -> list[Op]:
@@ -256,7 +257,9 @@ def analyze(model_path: str | Path) -> Program:
     missing = [o for o in outputs if o not in device and not o.startswith("kv_cache_")]
     if missing:
         raise UnsupportedNode(f"graph outputs {missing} are not computed on the device")
-    return Program(steps, inits, list(weights), act_dtype, outputs, model_path.parent)
+    cache_shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+                    for i in g.input if i.name.startswith("kv_cache_")}
+    return Program(steps, inits, list(weights), act_dtype, outputs, model_path.parent, cache_shapes)
 
 
 def check_engine(engine_dir: str | Path, tp: int) -> None:
@@ -266,6 +269,41 @@ def check_engine(engine_dir: str | Path, tp: int) -> None:
 
 
 # -- host evaluation of shape arithmetic ----------------------------------------------------------------
+
+def propagate(program: Program, cache_shapes: dict, B: int, T: int) -> tuple[dict, dict]:
+    """Shapes of the device tensors and values of the host tensors for a step of B sequences × T tokens."""
+    p = program
+    shapes: dict[str, tuple] = {"input_ids": (B, T), "position_ids": (B, T), "past_lengths": (B,)}
+    shapes.update({name: tuple(s) for name, s in cache_shapes.items()})
+    values = {name: init.array(p.base_dir) for name, init in p.initializers.items()
+              if init.offset is None and init.dtype in ("int64", "int32")}
+    for kind, step in p.steps:
+        if kind == "host":
+            eval_host(step, values, shapes)
+            continue
+        op: Op = step
+        ins = op.inputs
+        if op.kind == "embed_ln":
+            h = p.initializers[ins[2]].shape[1]
+            shapes[op.outputs[0]] = shapes[op.outputs[1]] = (*shapes[ins[0]], h)
+        elif op.kind == "add_layernorm":
+            shapes[op.outputs[0]] = shapes[op.outputs[1]] = shapes[ins[0]]
+        elif op.kind == "gemm":
+            shapes[op.outputs[0]] = (*shapes[ins[0]][:-1], op.attrs["N"])
+        elif op.kind in ("bias_act", "moe", "all_reduce"):
+            shapes[op.outputs[0]] = shapes[ins[0]]
+        elif op.kind == "attention":
+            b, t, three_h = shapes[ins[0]]
+            shapes[op.outputs[0]] = (b, t, three_h // 3)
+            shapes[op.outputs[1]] = shapes[ins[1]]
+        elif op.kind == "alias":
+            shapes[op.outputs[0]] = alias_shape(op, shapes, values)
+        elif op.kind == "select":
+            src = shapes[ins[0]]
+            sl = _slices(src, *[values[i] for i in ins[1:] if i])
+            shapes[op.outputs[0]] = tuple(len(range(*s.indices(d))) for s, d in zip(sl, src))
+    return shapes, values
+
 
 def eval_host(node: onnx.NodeProto, values: dict, shapes: dict) -> None:
     """Evaluate a host node into ``values``; ``shapes`` gives the shapes of device tensors."""
