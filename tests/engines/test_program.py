@@ -1,6 +1,5 @@
 """The GPU backend's graph analysis and host shape evaluation, on the CPU (no GPU needed)."""
 
-import numpy as np
 import onnx
 import pytest
 
