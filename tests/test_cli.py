@@ -80,5 +80,15 @@ def test_generate_streams_text_with_a_tokenizer_and_ids_without(tmp_path, capsys
     assert capsys.readouterr().out.strip() == "w5 w9 w2 " + tok.decode(ids)
     assert main(["generate", str(tmp_path / "e"), "--prompt", "w5", "--device", "cpu"]) == 2
     assert "--prompt needs a tokenizer" in capsys.readouterr().err
+    # a tokenizer kept in the engine at compile time is found by generate
+    assert main(["compile", str(tmp_path / "ck"), "-o", str(tmp_path / "e2"), "--dtype", "fp32", "--max-seq", "32",
+                 "--quiet", "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "e2"), "--prompt", "w5 w9 w2", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "w5 w9 w2 " + tok.decode(ids)
+    assert main(["compile", str(tmp_path / "ck"), "-o", str(tmp_path / "e3"), "--tokenizer",
+                 str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such tokenizer file" in capsys.readouterr().err
     assert main(["bench", str(tmp_path)]) == 2
     assert "neither 'kernels' nor an engine directory" in capsys.readouterr().err

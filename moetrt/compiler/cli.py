@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -134,10 +135,16 @@ def cmd_compile(args) -> int:
 
     start = time.perf_counter()
     from moetrt.engines.runtime import gpu_available
+    tokenizer = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
+    if args.tokenizer:  # checked before the (long) compile
+        _load_tokenizer(tokenizer)
     tune = not args.no_tune and args.tp == 1 and gpu_available()
     out = compile(args.checkpoint, args.output, tp=args.tp, dtype=args.dtype, max_batch=args.max_batch,
                   max_seq=args.max_seq, logits=args.logits, dump_after=args.dump_after, force=args.force,
                   progress=not args.quiet, tune=tune)
+    if tokenizer.is_file():  # generate --prompt finds it in the engine
+        shutil.copyfile(tokenizer, Path(out) / "tokenizer.json")
+        print(f"      tokenizer: {tokenizer} copied to {Path(out) / 'tokenizer.json'}")
     print(f"compiled {args.checkpoint} to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -164,16 +171,22 @@ def _id_list(text: str, option: str) -> list[int]:
         raise MoetrtError(f"{option}: expected comma-separated token ids, got {text!r}") from None
 
 
-def _tokenizer(args):
-    path = Path(args.tokenizer) if args.tokenizer else Path(args.engine) / "tokenizer.json"
+def _load_tokenizer(path: Path):
     if not path.is_file():
-        raise MoetrtError(f"--prompt needs a tokenizer: {path} not found (pass --tokenizer tokenizer.json, a "
-                          "Hugging Face tokenizers file, or give --prompt-ids)")
+        raise MoetrtError(f"{path}: no such tokenizer file")
     from tokenizers import Tokenizer
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:
         raise MoetrtError(f"{path}: not a tokenizers JSON file: {exc}") from None
+
+
+def _tokenizer(args):
+    path = Path(args.tokenizer) if args.tokenizer else Path(args.engine) / "tokenizer.json"
+    if not path.is_file():
+        raise MoetrtError(f"--prompt needs a tokenizer: {path} not found (pass --tokenizer tokenizer.json, a "
+                          "Hugging Face tokenizers file, compile with --tokenizer, or give --prompt-ids)")
+    return _load_tokenizer(path)
 
 
 def cmd_generate(args) -> int:
@@ -293,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", choices=("all", "last"), default="all",
                    help="logits of every position, or of each sequence's last token (default all)")
     p.add_argument("--dump-after", metavar="PASS", help="also save the graph after this pass (under OUTPUT/dumps)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to keep in the engine for generate --prompt "
+                                        "(default: CHECKPOINT/tokenizer.json when present)")
     p.add_argument("--no-tune", action="store_true",
                    help="skip timing cuBLASLt's GEMM algorithms on this machine's GPU (done by default when a GPU "
                         "is present; `moetrt tune ENGINE` does it later)")
