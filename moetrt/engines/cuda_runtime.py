@@ -19,6 +19,7 @@ from moetrt.engines.cuda_backend import CudaEngine
 from moetrt.engines.format import EngineManifest
 from moetrt.engines.gemm import time_us
 from moetrt.engines.program import analyze
+from moetrt.engines.runtime import Closing, check_input_ids, pad_prompts
 from moetrt.engines.sampling import check_params
 from moetrt.errors import MoetrtError
 from moetrt.generation import Streams
@@ -37,7 +38,7 @@ def decode_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
-class CudaRuntime:
+class CudaRuntime(Closing):
     def __init__(self, engine_dir: str | Path, manifest: EngineManifest, max_tokens: int | None = None,
                  progress: bool = False, use_graphs: bool = True, rank: int = 0, comm=None):
         """``rank``/``comm``: this process's tensor-parallel rank and its NCCL communicator (``distributed``)."""
@@ -64,7 +65,7 @@ class CudaRuntime:
                                  max_logit_rows=min(self.max_tokens, 1024), progress=progress, comm=comm)
         try:
             e = self.engine
-            self.cache_dtype = _NP[manifest.dtype]
+            self.cache_dtype = manifest.cache_numpy_dtype
             self.vocab = e.vocab
             self.pinned = cuda.PinnedBuffer(e.staging.nbytes + e.max_rows * e.vocab * 4)
             self.host = {name: self.pinned.array[off:].view(np.int32) for name, off in e.staging_offsets.items()}
@@ -130,18 +131,6 @@ class CudaRuntime:
         e.stream.synchronize()
         return self.host["tokens"][:B].copy()
 
-    def _check(self, ids: np.ndarray, past: np.ndarray | None = None) -> None:
-        m, c = self.manifest, self.config
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise MoetrtError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
-        if ids.shape[0] > m.max_batch:
-            raise MoetrtError(f"batch {ids.shape[0]} exceeds the engine's max batch {m.max_batch}")
-        longest = ids.shape[1] + (0 if past is None else int(past.max()))
-        if longest > m.max_seq:
-            raise MoetrtError(f"sequence length {longest} exceeds the engine's max sequence {m.max_seq}")
-        if ids.min() < 0 or ids.max() >= c.vocab_size:
-            raise MoetrtError(f"token id out of range [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
-
     def _prefill(self, padded: np.ndarray, lengths: np.ndarray):
         """Prefill right-padded prompts, in chunks of the token budget. Returns the device logits of each
         sequence's last real position, or (prompts longer than one chunk) those logits on the host."""
@@ -163,8 +152,7 @@ class CudaRuntime:
 
     # -- public API (as the CPU runtime) --------------------------------------------------------------------
     def new_cache(self) -> list[np.ndarray]:
-        shape = self.manifest.kv_cache_shape(all_heads=True)
-        return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+        return self.manifest.new_cache()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One step on host feeds, caches included (for validation): copies the caches in and out."""
@@ -172,7 +160,7 @@ class CudaRuntime:
         e = self.engine
         ids = np.asarray(feeds["input_ids"], np.int32)
         past = np.asarray(feeds["past_lengths"], np.int32)
-        self._check(ids, past)
+        check_input_ids(self.manifest, ids, past)
         if not np.array_equal(np.asarray(feeds["position_ids"]), past[:, None] + np.arange(ids.shape[1])):
             raise MoetrtError("position_ids must be past_lengths[b] + t (the runtime derives them)")
         for l in range(self.config.num_layers):
@@ -197,7 +185,7 @@ class CudaRuntime:
         """Logits ``[B, T, V]`` of every position of a prefill (from an empty cache), as float32."""
         self._check_open()
         ids = np.asarray(input_ids)
-        self._check(ids)
+        check_input_ids(self.manifest, ids)
         ids = ids.astype(np.int32)
         B, T = ids.shape
         e = self.engine
@@ -218,20 +206,10 @@ class CudaRuntime:
         """New tokens for each prompt (a stop token ends its sequence and is kept); sampling on the GPU."""
         self._check_open()
         check_params(temperature, top_k, top_p)
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts or any(not p for p in prompts):
-            raise MoetrtError("generate: every prompt needs at least one token")
         if max_new_tokens < 1:
             raise MoetrtError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        padded = np.zeros((len(prompts), lengths.max()), np.int64)
-        for b, p in enumerate(prompts):
-            padded[b, :len(p)] = p
-        self._check(padded)
-        if lengths.max() + max_new_tokens > self.manifest.max_seq:
-            raise MoetrtError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
-                              f"max sequence {self.manifest.max_seq}")
-        B = len(prompts)
+        padded, lengths = pad_prompts(self.manifest, prompts, max_new_tokens)
+        B = len(lengths)
         bucket = next(b for b in decode_buckets(self.manifest.max_batch) if b >= B)
         logits = self._prefill(padded.astype(np.int32), lengths)
         if isinstance(logits, np.ndarray):  # chunked prefill: sample from host logits copied back
@@ -337,15 +315,3 @@ class CudaRuntime:
             self.pinned.free()
             self.pinned = None
         self.closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

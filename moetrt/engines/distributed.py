@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moetrt.engines.runtime import Closing
 from moetrt.errors import MoetrtError
 
 NCCL_TYPES = {"fp16": 6, "fp32": 7, "bf16": 9}  # ncclDataType_t
@@ -109,7 +110,7 @@ def _worker(conn, engine_dir: str, rank: int, size: int, device: str, options: d
         conn.close()
 
 
-class TPRuntime:
+class TPRuntime(Closing):
     """A tensor-parallel engine over ``tp`` local GPUs (one worker process each); the CudaRuntime API."""
 
     def __init__(self, engine_dir: str | Path, manifest, timeout: float = 300.0, **options):
@@ -143,7 +144,7 @@ class TPRuntime:
             self._kill()
             raise
         self.closed = False
-        self.cache_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        self.cache_dtype = manifest.cache_numpy_dtype
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _kill(self) -> None:
@@ -200,8 +201,7 @@ class TPRuntime:
 
     # -- the runtime API -------------------------------------------------------------------------------------
     def new_cache(self) -> list[np.ndarray]:
-        shape = self.manifest.kv_cache_shape(all_heads=True)
-        return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+        return self.manifest.new_cache()
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens=(), callback=None) -> list[list[int]]:
@@ -245,18 +245,6 @@ class TPRuntime:
         for p in self.procs:
             p.join(timeout=30)
         self._kill()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def mpi_runtime(engine_dir: str | Path, **options):

@@ -48,6 +48,12 @@ class EngineManifest:
         import numpy as np
         return np.float16 if self.dtype == "fp16" else np.float32
 
+    def new_cache(self) -> list:
+        """The whole model's KV cache on the host, one zeroed ``kv_cache_shape(all_heads=True)`` array per layer."""
+        import numpy as np
+        shape = self.kv_cache_shape(all_heads=True)
+        return [np.zeros(shape, self.cache_numpy_dtype) for _ in range(self.config.num_layers)]
+
     def bindings(self) -> dict:
         c = self.config
         kv = {"shape": self.kv_cache_shape(), "dtype": self.dtype,

@@ -23,6 +23,55 @@ from moetrt.generation import Streams
 DEVICES = ("cpu", "cuda", "auto")
 
 
+def check_input_ids(manifest: EngineManifest, ids: np.ndarray, past: np.ndarray | None = None) -> None:
+    """Refuse a step's token ids the engine cannot take: shape, batch, sequence length, id range."""
+    c = manifest.config
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise MoetrtError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
+    if ids.shape[0] > manifest.max_batch:
+        raise MoetrtError(f"batch {ids.shape[0]} exceeds the engine's max batch {manifest.max_batch}")
+    longest = ids.shape[1] + (0 if past is None else int(past.max()))
+    if longest > manifest.max_seq:
+        raise MoetrtError(f"sequence length {longest} exceeds the engine's max sequence {manifest.max_seq}")
+    if ids.min() < 0 or ids.max() >= c.vocab_size:
+        raise MoetrtError(f"token id out of range [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
+
+
+def pad_prompts(manifest: EngineManifest, prompts, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths, checked and right-padded: (ids [B, longest] int64, lengths [B] int32)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise MoetrtError("generate: every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.zeros((len(prompts), lengths.max()), np.int64)
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = p
+    check_input_ids(manifest, padded)
+    if lengths.max() + max_new_tokens > manifest.max_seq:
+        raise MoetrtError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                          f"max sequence {manifest.max_seq}")
+    return padded, lengths
+
+
+class Closing:
+    """``with`` support and clean-up at collection for runtimes with a ``close()``."""
+
+    def close(self) -> None:
+        """Nothing to free (the CPU runtime); the GPU runtimes free their memory and processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def gpu_available() -> bool:
     try:
         from moetrt.engines.cuda import device_count
@@ -31,7 +80,7 @@ def gpu_available() -> bool:
         return False
 
 
-class Runtime:
+class Runtime(Closing):
     """``Runtime(engine_dir, device)``: for ``device="cuda"`` (or ``"auto"`` with a GPU) this constructs and
     returns a ``CudaRuntime`` (or, for a tensor-parallel engine, a ``distributed.TPRuntime`` driving one
     process per GPU), which have the same ``logits``/``generate``/``run`` API (and ``close``)."""
@@ -62,10 +111,9 @@ class Runtime:
 
     # -- one step ----------------------------------------------------------------------------------------
     def new_cache(self) -> list[np.ndarray]:
-        """The whole model's cache, one ``[2, max_batch, heads, max_seq, head_dim]`` array per layer (each
-        tensor-parallel rank holds its own heads' slice; ``run`` splits and merges)."""
-        shape = self.manifest.kv_cache_shape(all_heads=True)
-        return [np.zeros(shape, self.cache_dtype) for _ in range(self.config.num_layers)]
+        """The whole model's cache (each tensor-parallel rank holds its own heads' slice; ``run`` splits and
+        merges)."""
+        return self.manifest.new_cache()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One execution of the step graph on unsharded feeds (caches split over the ranks' heads)."""
@@ -91,36 +139,15 @@ class Runtime:
         out = self.run(feeds)
         return out["logits"], [out[f"kv_cache_{l}_out"] for l in range(self.config.num_layers)]
 
-    def _check(self, ids: np.ndarray, past: np.ndarray | None = None) -> None:
-        m, c = self.manifest, self.config
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise MoetrtError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {ids.shape}")
-        if ids.shape[0] > m.max_batch:
-            raise MoetrtError(f"batch {ids.shape[0]} exceeds the engine's max batch {m.max_batch}")
-        longest = ids.shape[1] + (0 if past is None else int(past.max()))
-        if longest > m.max_seq:
-            raise MoetrtError(f"sequence length {longest} exceeds the engine's max sequence {m.max_seq}")
-        if ids.min() < 0 or ids.max() >= c.vocab_size:
-            raise MoetrtError(f"token id out of range [0, {c.vocab_size}): min {ids.min()}, max {ids.max()}")
-
     # -- public API --------------------------------------------------------------------------------------
     def logits(self, input_ids) -> np.ndarray:
         """Logits ``[B, T, V]`` of every position of a prefill (engines compiled with ``--logits all``)."""
         if self.manifest.logits != "all":
             raise MoetrtError("logits(): this engine returns only each sequence's last logits; compile with --logits all")
         ids = np.asarray(input_ids)
-        self._check(ids)
+        check_input_ids(self.manifest, ids)
         logits, _ = self.step(ids, np.zeros(ids.shape[0], np.int32), self.new_cache())
         return logits.astype(np.float32)
-
-    def close(self) -> None:
-        """Nothing to free on the CPU (API parity with the GPU runtime)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
@@ -129,17 +156,7 @@ class Runtime:
         check_params(temperature, top_k, top_p)
         if self.manifest.logits != "all":  # right-padded prompts: a last-token engine returns the pads' logits
             raise MoetrtError("generate on the CPU runtime needs an engine compiled with --logits all")
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts or any(not p for p in prompts):
-            raise MoetrtError("generate: every prompt needs at least one token")
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        padded = np.zeros((len(prompts), lengths.max()), np.int64)
-        for b, p in enumerate(prompts):
-            padded[b, :len(p)] = p
-        self._check(padded)
-        if lengths.max() + max_new_tokens > self.manifest.max_seq:
-            raise MoetrtError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
-                              f"max sequence {self.manifest.max_seq}")
+        padded, lengths = pad_prompts(self.manifest, prompts, max_new_tokens)
         rng = np.random.default_rng(seed)
         logits, cache = self.step(padded, np.zeros(len(prompts), np.int32), self.new_cache())
         last = logits[np.arange(len(prompts)), lengths - 1]
