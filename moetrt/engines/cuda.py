@@ -10,7 +10,6 @@ import numpy as np
 
 from moetrt.errors import MoetrtError
 
-_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int32": np.int32, "uint8": np.uint8}
 TYPESTRS = {"fp32": "<f4", "fp16": "<f2", "bf16": "<V2", "int32": "<i4", "uint8": "|u1"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int32": 4, "uint8": 1}
 

@@ -225,10 +225,9 @@ class CudaEngine:
             shapes, _ = self.propagate(B, T)
             for name, shape in shapes.items():
                 root = self.resolve(name)
-                if root in fixed or name in self.caches:
+                if root in fixed:  # graph inputs, caches and logits have buffers of their own
                     continue
-                dtype = "int32" if name in ("input_ids", "position_ids") else self.dtype
-                sizes[root] = max(sizes.get(root, 0), _nbytes(shape, dtype))
+                sizes[root] = max(sizes.get(root, 0), _nbytes(shape, self.dtype))
         ops = p.ops
         last_use: dict[str, int] = {}
         for i, op in enumerate(ops):
@@ -278,9 +277,7 @@ class CudaEngine:
 
     def _view(self, name: str, shape) -> cuda.View:
         root = self.resolve(name)
-        if root in ("input_ids", "position_ids"):
-            return self.staging_view(root, shape)
-        if root == "past_lengths":
+        if root in ("input_ids", "position_ids", "past_lengths"):
             return self.staging_view(root, shape)
         if root in self.caches:
             return self.caches[root]

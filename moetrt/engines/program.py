@@ -143,10 +143,6 @@ def analyze(model_path: str | Path) -> Program:
             continue
         ins = [i for i in n.input if i]
         op = n.op_type
-        if n.domain in ("", "ai.onnx") and op in ("Constant",):
-            host.update(n.output)
-            steps.append(("host", n))
-            continue
         if op == "Shape" and n.domain in ("", "ai.onnx"):
             host.update(n.output)
             steps.append(("host", n))
