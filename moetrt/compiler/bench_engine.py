@@ -26,30 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrt.errors import MoetrtError
-
-
-def _torch():
-    import torch
-    if not torch.cuda.is_available():
-        raise MoetrtError("bench needs an NVIDIA GPU and torch with CUDA")
-    return torch
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy (read + write), median of 10."""
-    torch = _torch()
-    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del src, dst
-    return 2 * (1 << 30) * 2 / (float(np.median(times[2:])) * 1e-3)
+from moetrt.plugins.bench import copy_bandwidth, cuda_torch
 
 
 def step_bytes(config, itemsize: int, batch: int, context: int, hit: float | None = None) -> dict:
@@ -80,7 +57,7 @@ class FastTorchDecoder:
     no host work inside the step; captured in a CUDA graph per batch size."""
 
     def __init__(self, model, max_batch: int, max_seq: int):
-        torch = _torch()
+        torch = cuda_torch("bench")
         self.torch, self.model, cfg = torch, model, model.config
         self.cfg = cfg
         self.H, self.D = cfg.num_heads, cfg.head_dim
@@ -187,7 +164,7 @@ class ExpertHits:
 
 
 def _events_ms(fn, reps: int) -> float:
-    torch = _torch()
+    torch = cuda_torch("bench")
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     torch.cuda.synchronize()
@@ -202,7 +179,7 @@ def _events_ms(fn, reps: int) -> float:
 def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output_len: int = 32,
         checkpoint: str | Path | None = None, output: str | Path | None = None, plot: str | Path | None = None,
         eager: bool = True, progress=print, prefill_len: int = 512) -> dict:
-    torch = _torch()
+    torch = cuda_torch("bench")
     from moetrt.engines.cuda import mem_get_info
     from moetrt.engines.format import EngineManifest
     from moetrt.engines.runtime import Runtime

@@ -16,17 +16,18 @@ from pathlib import Path
 ROTATE = 8
 
 
-def _torch():
+def cuda_torch(what: str = "bench kernels"):
+    """torch, with CUDA, or an error saying that ``what`` needs it."""
     import torch
     if not torch.cuda.is_available():
         from moetrt.errors import MoetrtError
-        raise MoetrtError("bench kernels needs an NVIDIA GPU and torch with CUDA")
+        raise MoetrtError(f"{what} needs an NVIDIA GPU and torch with CUDA")
     return torch
 
 
 def time_ms(fn, reps: int = 20, graph: bool = True) -> float:
     """Median milliseconds per call of ``fn(i)`` for i in 0..ROTATE-1, replayed as one CUDA graph."""
-    torch = _torch()
+    torch = cuda_torch()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -56,14 +57,19 @@ def time_ms(fn, reps: int = 20, graph: bool = True) -> float:
     return statistics.median(times)
 
 
-def measure_ceilings() -> dict:
-    torch = _torch()
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (bytes read + written), median of 10."""
+    torch = cuda_torch()
     n = 1 << 30  # 1 Gi elements of fp16 = 2 GiB
     src = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda i: dst.copy_(src), reps=10, graph=False)
-    bandwidth = 2 * src.numel() * 2 / (ms * 1e-3)
-    del src, dst
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def measure_ceilings() -> dict:
+    torch = cuda_torch()
+    bandwidth = copy_bandwidth()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     ms_mm = time_ms(lambda i: a @ b, reps=10, graph=False)
@@ -71,7 +77,7 @@ def measure_ceilings() -> dict:
 
 
 def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=4096) -> list[dict]:
-    torch = _torch()
+    torch = cuda_torch()
     from moetrt.plugins import launch
     dt = torch.float16
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
@@ -135,7 +141,7 @@ def grouped_mm_ms(layers, xs, N) -> float:
     """The two expert GEMMs (+ bias, GeLU) through ``torch._grouped_mm`` (a CUTLASS grouped GEMM, bf16 on
     Hopper), tokens already sorted by expert: routing and the gather are left out, so this favours it.
     NaN where this torch has no grouped GEMM for the device."""
-    torch = _torch()
+    torch = cuda_torch()
     if not hasattr(torch, "_grouped_mm"):
         return float("nan")
     E = layers[0][1].shape[0]
@@ -164,7 +170,7 @@ def grouped_mm_ms(layers, xs, N) -> float:
 
 
 def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) -> list[dict]:
-    torch = _torch()
+    torch = cuda_torch()
     from moetrt.plugins import launch
     dt = torch.float16
     rows = []
@@ -192,7 +198,7 @@ def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) 
 
 
 def bench_elementwise(ceil: dict, rows_n=4096, h=1024, f=4096) -> list[dict]:
-    torch = _torch()
+    torch = cuda_torch()
     from moetrt.plugins import launch
     dt = torch.float16
     out = []
@@ -218,7 +224,7 @@ def bench_elementwise(ceil: dict, rows_n=4096, h=1024, f=4096) -> list[dict]:
 
 
 def run(output: str | None = None) -> dict:
-    torch = _torch()
+    torch = cuda_torch()
     ceil = measure_ceilings()
     result = {"device": torch.cuda.get_device_name(), "ceilings": ceil,
               "moe": bench_moe(ceil), "attention": bench_attention(ceil), "elementwise": bench_elementwise(ceil)}
