@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: the 350M-64E preset end to end (synthetic checkpoint, compile, bench against PyTorch and
-# the floor). Logs and results under $OUT. Run after tools/device_run.sh has set up packages (or alone).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD:/tmp/site"
-if [ -d .whl ] && [ ! -d /tmp/site/nvmath ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
+# the floor). Logs and results under $OUT.
+source "$(dirname "$0")/device_env.sh"
 CK=/tmp/ck350 ENG=/tmp/e350
 { [ -f $CK/config.json ] || /usr/bin/time -v python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet; } 2>&1 | grep -E "error|Elapsed|Maximum resident" | tee "$OUT/init350.log"
 { [ -f $ENG/engine.json ] || /usr/bin/time -v python3 -m moetrt compile $CK -o $ENG --dtype fp16 --max-batch ${MAXB:-32} --max-seq 512 --force; } 2>&1 | grep -vE "^\s+(Average|Exit|File|Involuntary|Major|Minor|Page|Percent|Signals|Socket|Swaps|System|User|Voluntary|Command)" | tee "$OUT/compile350.log"

@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with 2+ GPUs: the 350M-64E preset at tp=1 and tp=2 (per-token latency, throughput, all-reduce
 # time per step). Results under $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD:/tmp/site"
-if [ -d .whl ] && [ ! -d /tmp/site/nvmath ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
+source "$(dirname "$0")/device_env.sh"
 CK=/tmp/ck350
 [ -f $CK/config.json ] || python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet
 for TP in ${TPS:-1 2}; do

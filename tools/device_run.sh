@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: environment facts, the whole test suite (GPU tests included), then the kernel
 # benchmark; logs under $OUT. Expects the kernel library built on the dev machine in .devbuild/ (carried).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MOETRT_KERNELS_LIB="$PWD/.devbuild/libmoetrt_kernels.so" PYTHONPATH="$PWD"
-# packages the GPU image lacks (onnx-graphsurgeon, polygraphy, nvmath-python), carried as wheels in .whl/
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source "$(dirname "$0")/device_env.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; python3 --version;
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; date -u; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
