@@ -230,6 +230,20 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
                  f"ms/token (graph replay {ours[B]['decode_graph_ms']:.3f} ms"
                  + (f", all-reduces {ours[B]['allreduce_ms_per_step']:.3f} ms" if manifest.tensor_parallel > 1 else "")
                  + ")")
+    if tp == 1:  # the same steps with programmatic dependent launch off: what it is worth
+        from moetrt.plugins.kernels import set_programmatic_launch
+        previous = set_programmatic_launch(False)
+        rt.drop_graphs()
+        try:
+            for B in batches:
+                m = rt.measure(prompts[B], output_len)
+                ours[B]["decode_graph_ms_no_pdl"] = m["decode_graph_ms"]
+                ours[B]["decode_ms_per_token_no_pdl"] = m["decode_ms_per_token"]
+                progress(f"moetrt B={B} without programmatic launch: decode {m['decode_ms_per_token']:.3f} ms/token "
+                         f"(graph replay {m['decode_graph_ms']:.3f} ms)")
+        finally:
+            set_programmatic_launch(previous)
+            rt.drop_graphs()
     # one long prompt: the prefill the floor is about (every expert is read)
     P = min(prefill_len, manifest.max_seq - 2, 4096)
     long_prompt = rng.integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
@@ -365,6 +379,10 @@ def _print_table(r: dict) -> None:
             f"{row['graph_ratio_to_floor']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['torch_graph_ms_per_token']:.3f}",
             f"{row.get('torch_eager_ms_per_token', float('nan')):.2f}", f"{row['speedup_vs_torch_graph']:.2f}×",
             f"{row.get('speedup_vs_torch_eager', float('nan')):.1f}×"]))
+    if "decode_graph_ms_no_pdl" in r["batches"][0]:
+        print("decode graph replay with programmatic dependent launch off: " + ", ".join(
+            f"B={x['batch']} {x['decode_graph_ms_no_pdl']:.3f} ms ({x['decode_graph_ms_no_pdl'] / x['decode_graph_ms']:.2f}x "
+            "the default)" for x in r["batches"]))
     if "prefill" in r:
         p = r["prefill"]
         print(f"prefill of one {p['tokens']}-token prompt: {p['ms']:.2f} ms, {p['ratio_to_floor']:.2f}x its floor "

@@ -257,10 +257,15 @@ class CudaRuntime(Closing):
         e.gemm_ctx.save_tuning(entries)
         for key in list(e.plans):  # plans made before tuning keep their algorithms: remake them
             e.drop_plan(key)
+        self.drop_graphs()
+        return entries
+
+    def drop_graphs(self) -> None:
+        """Destroy the captured decode graphs; the next decode step of each batch size captures anew (after
+        tuning, or to take a new launch setting such as ``set_programmatic_launch``)."""
         for g in self.graphs.values():
             g.destroy()
         self.graphs = {}
-        return entries
 
     @property
     def device_bytes(self) -> int:
@@ -305,9 +310,7 @@ class CudaRuntime(Closing):
 
     def close(self) -> None:
         """Free every device and pinned allocation (idempotent)."""
-        for g in self.graphs.values():
-            g.destroy()
-        self.graphs = {}
+        self.drop_graphs()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -155,6 +155,12 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=51200, hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096,
         max_position_embeddings=2048, layernorm_eps=1e-5, num_experts=64,
         moe_layers=tuple(range(1, 24, 2)), top_k=1),
+    # A larger model, for tensor-parallel scaling: a 16-layer, hidden-4096 GPT with 8 experts in every odd layer;
+    # 11.0B parameters (21.9 GB in fp16), of which a token uses 3.4B.
+    "gpt-moe-3.4b-8e": ModelConfig(
+        vocab_size=51200, hidden_size=4096, num_layers=16, num_heads=32, ffn_hidden_size=16384,
+        max_position_embeddings=2048, layernorm_eps=1e-5, num_experts=8,
+        moe_layers=tuple(range(1, 16, 2)), top_k=1),
     # Small enough for every test on a CPU, still every feature: 4 heads (TP up to 4),
     # MoE and dense layers interleaved, 8 experts.
     "tiny": ModelConfig(

@@ -57,6 +57,16 @@ def time_ms(fn, reps: int = 20, graph: bool = True) -> float:
     return statistics.median(times)
 
 
+def time_ms_without_pdl(fn) -> float:
+    """``time_ms(fn)`` with programmatic dependent launch off: what it is worth to a kernel's chain of launches."""
+    from moetrt.plugins.kernels import set_programmatic_launch
+    previous = set_programmatic_launch(False)
+    try:
+        return time_ms(fn)
+    finally:
+        set_programmatic_launch(previous)
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy (bytes read + written), median of 10."""
     torch = cuda_torch()
@@ -98,7 +108,8 @@ def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=409
         hit = statistics.mean(
             len(torch.unique((xs[i].float() @ layers[i][0].T).argmax(-1))) for i in range(ROTATE))
         floor_bytes = hit * expert_bytes + E * h * 4 + 2 * N * h * 2
-        ours = time_ms(lambda i: launch.moe(xs[i], *layers[i], out, ws, stream=stream()))
+        call = lambda i: launch.moe(xs[i], *layers[i], out, ws, stream=stream())  # noqa: E731
+        ours, ours_no_pdl = time_ms(call), time_ms_without_pdl(call)
 
         def loop(i):  # the eager model: route on the host, loop over hit experts
             wg, w1, b1, w2, b2 = layers[i]
@@ -127,7 +138,7 @@ def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=409
         flops = 2 * N * 2 * f * h
         rows.append({
             "kernel": "moe", "tokens": N, "experts_hit": hit, "ms": ours, "floor_ms": floor_ms,
-            "x_floor": ours / floor_ms, "GB_per_s": floor_bytes / (ours * 1e-3) / 1e9,
+            "x_floor": ours / floor_ms, "ms_no_pdl": ours_no_pdl, "GB_per_s": floor_bytes / (ours * 1e-3) / 1e9,
             "TFLOP_per_s": flops / (ours * 1e-3) / 1e12,
             "frac_matrix_rate": flops / (ours * 1e-3) / ceil["fp16_flops_per_s"],
             "torch_loop_ms": base_loop, "torch_gathered_bmm_ms": base_gather,
@@ -180,8 +191,9 @@ def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) 
         past = torch.full((B,), cache_len - 1, dtype=torch.int32, device="cuda")
         out = torch.empty(B, 1, H * D, device="cuda", dtype=dt)
         ws = torch.zeros(launch.attention_workspace_size(B, H, D, cache_len), dtype=torch.uint8, device="cuda")
-        ours = time_ms(lambda i: launch.attention(qkvs[i], caches[i], past, out, H, ws,
-                                                  stream=torch.cuda.current_stream().cuda_stream))
+        call = lambda i: launch.attention(qkvs[i], caches[i], past, out, H, ws,  # noqa: E731
+                                          stream=torch.cuda.current_stream().cuda_stream)
+        ours, ours_no_pdl = time_ms(call), time_ms_without_pdl(call)
 
         def sdpa(i):
             q = qkvs[i].view(B, H, 3, D)[:, :, 0, None]  # [B, H, 1, D]
@@ -191,7 +203,8 @@ def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) 
         kv_bytes = 2 * B * H * cache_len * D * 2
         floor_ms = kv_bytes / ceil["copy_bytes_per_s"] * 1e3
         rows.append({"kernel": "attention_decode", "batch": B, "cache_len": cache_len, "ms": ours,
-                     "floor_ms": floor_ms, "x_floor": ours / floor_ms, "GB_per_s": kv_bytes / (ours * 1e-3) / 1e9,
+                     "floor_ms": floor_ms, "x_floor": ours / floor_ms, "ms_no_pdl": ours_no_pdl,
+                     "GB_per_s": kv_bytes / (ours * 1e-3) / 1e9,
                      "torch_sdpa_ms": base})
         del caches, qkvs
     return rows
@@ -233,13 +246,14 @@ def run(output: str | None = None) -> dict:
     print(f"{'kernel':18s} {'size':>14s} {'ms':>9s} {'floor ms':>9s} {'x floor':>8s} {'torch ms':>10s} {'torch/ours':>10s}")
     for r in result["moe"]:
         print(f"{'moe':18s} {'N=' + str(r['tokens']):>14s} {r['ms']:9.4f} {r['floor_ms']:9.4f} {r['x_floor']:8.2f} "
-              f"{r['torch_loop_ms']:10.4f} {r['torch_loop_ms'] / r['ms']:10.1f}   "
+              f"{r['torch_loop_ms']:10.4f} {r['torch_loop_ms'] / r['ms']:10.1f}   no-PDL {r['ms_no_pdl']:.4f} ms, "
               f"gathered-bmm {r['torch_gathered_bmm_ms']:.4f} ms, grouped_mm(bf16) {r['torch_grouped_mm_bf16_ms']:.4f} ms, "
               f"{r['TFLOP_per_s']:.0f} TFLOP/s "
               f"({100 * r['frac_matrix_rate']:.0f}% of matrix rate), {r['experts_hit']:.1f} experts hit")
     for r in result["attention"]:
         print(f"{'attention_decode':18s} {'B=' + str(r['batch']) + ' L=' + str(r['cache_len']):>14s} {r['ms']:9.4f} "
-              f"{r['floor_ms']:9.4f} {r['x_floor']:8.2f} {r['torch_sdpa_ms']:10.4f} {r['torch_sdpa_ms'] / r['ms']:10.1f}")
+              f"{r['floor_ms']:9.4f} {r['x_floor']:8.2f} {r['torch_sdpa_ms']:10.4f} {r['torch_sdpa_ms'] / r['ms']:10.1f}"
+              f"   no-PDL {r['ms_no_pdl']:.4f} ms")
     for r in result["elementwise"]:
         size = f"{r['rows']}x{r.get('hidden', r.get('cols'))}"
         print(f"{r['kernel']:18s} {size:>14s} {r['ms']:9.4f} {r['floor_ms']:9.4f} {r['x_floor']:8.2f} "

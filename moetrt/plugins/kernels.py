@@ -53,9 +53,20 @@ def load_library() -> ctypes.CDLL:
     if built != PLUGIN_ABI_VERSION:
         raise KernelError(f"{path}: built for plugin ABI {built}, this moetrt needs {PLUGIN_ABI_VERSION}; "
                           "rebuild with `pip install .`")
+    lib.moetrt_set_programmatic_launch.restype = ctypes.c_int
+    lib.moetrt_set_programmatic_launch.argtypes = [ctypes.c_int]
+    if os.environ.get("MOETRT_PROGRAMMATIC_LAUNCH", "1") == "0":
+        lib.moetrt_set_programmatic_launch(0)
     lib.path = path
     lib.cuda_archs = tuple(int(a) for a in lib.moetrt_cuda_archs().decode().split(",") if a.strip().isdigit())
     return lib
+
+
+def set_programmatic_launch(enable: bool) -> bool:
+    """Switch programmatic dependent launch (Hopper+: a kernel may start while the one before it finishes, and
+    waits for its results in-kernel) for launches from now on; CUDA graphs keep what they were captured with.
+    On by default; ``MOETRT_PROGRAMMATIC_LAUNCH=0`` starts with it off. Returns the previous setting."""
+    return bool(load_library().moetrt_set_programmatic_launch(int(bool(enable))))
 
 
 def check(code: int, what: str) -> None:

@@ -37,8 +37,11 @@ __host__ __device__ inline Layout cache_layout(int max_batch, int heads, int max
 }
 
 // A group of D/N lanes holds one key (N elements of 16 bytes each lane); KPP keys per pass over the block;
-// up to 8 passes' loads are issued before any is used.
-template <typename T, int D>
+// up to U = 8 passes' loads are issued before any is used. The first U passes' cached keys (slots before
+// past_lengths[b]: earlier steps' results) are loaded before the wait for the preceding kernel, and with kEarlyV
+// (grids of at most a wave or two, where latency binds, not occupancy) their values too; the new token's key and
+// value come from qkv, not from the cache slot this kernel writes.
+template <typename T, int D, bool kEarlyV>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths, T* __restrict__ out,
     float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int max_batch, int max_seq,
@@ -47,15 +50,26 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   constexpr int U = PASSES < 8 ? PASSES : 8;
   static_assert(GROUP <= 32 && (GROUP & (GROUP - 1)) == 0 && PASSES >= 1, "unsupported head_dim");
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int past = past_lengths[b];
+  const int past = __ldcg(past_lengths + b);
   const int len = past + 1;
   const int start = split * kChunk;
-  if (start >= len) return;
   const int stop = min(start + kChunk, len);
-  const int splits = (len + kChunk - 1) / kChunk;
   const Layout L = cache_layout(max_batch, heads, max_seq, D);
   T* kcache = cache + b * L.batch_stride + h * L.head_stride;
   T* vcache = kcache + L.half;
+  const int lane_in_group = threadIdx.x % GROUP, key_slot = threadIdx.x / GROUP;
+  Vec<T> k_first[U], v_first[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int j = start + u * KPP + key_slot;
+    if (j < past) {
+      k_first[u].load_cg(kcache + int64_t(j) * D + lane_in_group * N);
+      if (kEarlyV) v_first[u].load_cg(vcache + int64_t(j) * D + lane_in_group * N);
+    }
+  }
+  enter_after_predecessor();
+  if (start >= len) return;
+  const int splits = (len + kChunk - 1) / kChunk;
   const T* q = qkv + int64_t(b) * 3 * heads * D + int64_t(h) * 3 * D;
   __shared__ float score[kChunk];
   __shared__ float red_s[kDecodeThreads][N + 1];
@@ -66,7 +80,6 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
       vcache[int64_t(past) * D + d] = q[2 * D + d];
     }
   }
-  const int lane_in_group = threadIdx.x % GROUP, key_slot = threadIdx.x / GROUP;
   float qv[N];
   {
     Vec<T> qq;
@@ -75,19 +88,22 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
 #pragma unroll
     for (int i = 0; i < N; ++i) qv[i] = to_float(qq.v[i]) * scale;
   }
-  __syncthreads();  // the new K/V are in the cache
 
-  // U passes' worth of this thread's 16-byte slices of keys (or values), loaded before any is used
-  auto load_passes = [&](Vec<T>(&dst)[U], const T* rows, int p0) {
+  // U passes' worth of this thread's 16-byte slices of keys (or values; `fresh` is the new token's), loaded
+  // before any is used; the first U passes were loaded before the wait, except the new token's
+  auto load_passes = [&](Vec<T>(&dst)[U], const Vec<T>(&first)[U], bool have_first, const T* rows,
+                         const T* fresh, int p0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
-      if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
+      if (j == past) dst[u].load(fresh + lane_in_group * N);
+      else if (p0 == 0 && have_first) dst[u] = first[u];
+      else if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
     }
   };
   for (int p0 = 0; p0 < PASSES; p0 += U) {
     Vec<T> kv[U];
-    load_passes(kv, kcache, p0);
+    load_passes(kv, k_first, true, kcache, q + D, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
@@ -118,7 +134,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   for (int i = 0; i < N; ++i) acc[i] = 0.f;
   for (int p0 = 0; p0 < PASSES; p0 += U) {
     Vec<T> vv[U];
-    load_passes(vv, vcache, p0);
+    load_passes(vv, v_first, kEarlyV, vcache, q + 2 * D, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
@@ -179,6 +195,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
 template <typename T>
 __global__ void kv_write_kernel(const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
                                 int tokens, int heads, int head_dim, int max_batch, int max_seq) {
+  enter_after_predecessor();
   const int t = blockIdx.x, b = blockIdx.y;
   const Layout L = cache_layout(max_batch, heads, max_seq, head_dim);
   const int slot = past_lengths[b] + t;
@@ -200,6 +217,7 @@ __global__ void __launch_bounds__(kPrefillThreads) attention_prefill_kernel(
     const T* __restrict__ qkv, const T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
     T* __restrict__ out, int tokens, int heads, int max_batch, int max_seq) {
   constexpr int HALF = D / 2;
+  enter_after_predecessor();
   const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int past = past_lengths[b];
   const Layout L = cache_layout(max_batch, heads, max_seq, D);
@@ -263,6 +281,7 @@ __global__ void __launch_bounds__(kWThreads) attention_prefill_wmma_kernel(
   __shared__ __align__(32) T v_s[kWK][D];
   __shared__ __align__(32) float s_s[4][16][kWK];  // scores, then the P·V product of the tile
   __shared__ __align__(32) T p_s[4][16][kWK];
+  enter_after_predecessor();
   const int q0 = blockIdx.x * kWQ, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int past = past_lengths[b];
@@ -384,13 +403,13 @@ bool launch_prefill_wmma(const T* qkv, T* cache, const int32_t* past, T* out, in
     const dim3 grid((tokens + kWQ - 1) / kWQ, heads, batch);
     switch (head_dim) {
       case 16:
-        attention_prefill_wmma_kernel<T, 16><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 16>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
         return true;
       case 32:
-        attention_prefill_wmma_kernel<T, 32><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 32>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
         return true;
       case 64:
-        attention_prefill_wmma_kernel<T, 64><<<grid, kWThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 64>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
         return true;
       default:
         return false;
@@ -404,9 +423,14 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
   if (tokens == 1) {
     const dim3 grid((max_seq + kChunk - 1) / kChunk, heads, batch);
     const int splits = grid.x;
-#define MOETRT_DECODE(DIM)                                                                                    \
-  attention_decode_kernel<T, DIM><<<grid, kDecodeThreads, 0, stream>>>(qkv, cache, past, out, partial, counters, \
-                                                                       heads, max_batch, max_seq, splits);
+    const bool early_v = int64_t(grid.x) * heads * batch <= 2 * sm_count();
+#define MOETRT_DECODE(DIM)                                                                                     \
+  if (early_v)                                                                                                 \
+    launch(attention_decode_kernel<T, DIM, true>, grid, kDecodeThreads, 0, stream, qkv, cache, past, out,     \
+           partial, counters, heads, max_batch, max_seq, splits);                                              \
+  else                                                                                                         \
+    launch(attention_decode_kernel<T, DIM, false>, grid, kDecodeThreads, 0, stream, qkv, cache, past, out,    \
+           partial, counters, heads, max_batch, max_seq, splits);
     switch (head_dim) {
       case 16: MOETRT_DECODE(16) break;
       case 32: MOETRT_DECODE(32) break;
@@ -417,15 +441,15 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
 #undef MOETRT_DECODE
     return launch_status();
   }
-  kv_write_kernel<T><<<dim3(tokens, batch), 256, 0, stream>>>(qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);
+  launch_if(false, kv_write_kernel<T>, dim3(tokens, batch), 256, 0, stream, qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);
   if (launch_prefill_wmma<T>(qkv, cache, past, out, batch, tokens, heads, head_dim, max_batch, max_seq, stream))
     return launch_status();
   const dim3 grid((tokens + kTile - 1) / kTile, heads, batch);
   switch (head_dim) {
-    case 64: attention_prefill_kernel<T, 64><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 128: attention_prefill_kernel<T, 128><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 16: attention_prefill_kernel<T, 16><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 32: attention_prefill_kernel<T, 32><<<grid, kPrefillThreads, 0, stream>>>(qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 64: launch_if(false, attention_prefill_kernel<T, 64>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 128: launch_if(false, attention_prefill_kernel<T, 128>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 16: launch_if(false, attention_prefill_kernel<T, 16>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+    case 32: launch_if(false, attention_prefill_kernel<T, 32>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
     default: return MOETRT_ERR_BAD_SHAPE;
   }
   return launch_status();

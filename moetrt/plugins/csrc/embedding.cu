@@ -9,6 +9,7 @@ template <typename T>
 __global__ void embedding_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ pos,
                                  const T* __restrict__ wte, const T* __restrict__ wpe, T* __restrict__ out,
                                  int64_t hidden, int64_t vocab, int64_t max_pos) {
+  enter_after_predecessor();
   const int64_t t = blockIdx.x;  // one block per token
   const int64_t id = min(max(static_cast<int64_t>(ids[t]), int64_t(0)), vocab - 1);
   const int64_t p = min(max(static_cast<int64_t>(pos[t]), int64_t(0)), max_pos - 1);
@@ -25,9 +26,9 @@ MOETRT_API int moetrt_embedding(const int32_t* input_ids, const int32_t* positio
     return MOETRT_ERR_BAD_SHAPE;
   if (num_tokens == 0) return 0;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
-    embedding_kernel<T><<<static_cast<unsigned>(num_tokens), 256, 0, stream>>>(
-        input_ids, position_ids, static_cast<const T*>(wte), static_cast<const T*>(wpe), static_cast<T*>(out),
-        hidden, vocab_size, max_positions);
+    launch_if(num_tokens <= kProgrammaticMaxRows, embedding_kernel<T>, static_cast<unsigned>(num_tokens), 256, 0, stream, input_ids, position_ids,
+           static_cast<const T*>(wte), static_cast<const T*>(wpe), static_cast<T*>(out), hidden, vocab_size,
+           max_positions);
     return launch_status();
   })
 }

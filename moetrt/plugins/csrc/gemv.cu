@@ -14,18 +14,27 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
                                                                 int N, int K, int act) {
-  constexpr int VN = Vec<T>::N;
+  constexpr int VN = Vec<T>::N, PRE = 32 / VN;  // PRE vectors per lane: 1024 elements of a row in fp16/bf16
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const T* row = w + int64_t(n) * K;
+  const bool active = n < N;
+  const T* row = w + int64_t(active ? n : 0) * K;
+  // The weights do not depend on the kernel before this one: the row's first PRE vectors per lane go to registers
+  // and the rest of it to L2 while that kernel still runs (programmatic launch); x is read after the wait.
+  Vec<T> pre[PRE];
+#pragma unroll
+  for (int u = 0; u < PRE; ++u) {
+    const int k = (u * 32 + lane) * VN;
+    if (active && k < K) pre[u].load_global_nc(row + k);
+  }
+  constexpr int kPreElems = PRE * 32 * VN;
+  if (active && K > kPreElems) prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
+  enter_after_predecessor();
+  if (!active) return;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-#pragma unroll 4
-  for (int k = lane * VN; k < K; k += 32 * VN) {
-    Vec<T> wv;
-    wv.load_global_nc(row + k);
+  auto fma_vec = [&](const Vec<T>& wv, int k) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       Vec<T> xv;
@@ -33,6 +42,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #pragma unroll
       for (int i = 0; i < VN; ++i) acc[m] += to_float(wv.v[i]) * to_float(xv.v[i]);
     }
+  };
+#pragma unroll
+  for (int u = 0; u < PRE; ++u) {
+    const int k = (u * 32 + lane) * VN;
+    if (k < K) fma_vec(pre[u], k);
+  }
+#pragma unroll 4
+  for (int k = kPreElems + lane * VN; k < K; k += 32 * VN) {
+    Vec<T> wv;
+    wv.load_global_nc(row + k);
+    fma_vec(wv, k);
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
@@ -50,14 +70,14 @@ int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
   if (K % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
   const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
   switch (rows) {
-    case 1: gemv_kernel<T, 1><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 2: gemv_kernel<T, 2><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 3: gemv_kernel<T, 3><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 4: gemv_kernel<T, 4><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 5: gemv_kernel<T, 5><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 6: gemv_kernel<T, 6><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 7: gemv_kernel<T, 7><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
-    case 8: gemv_kernel<T, 8><<<grid, kGemvWarps * 32, 0, stream>>>(x, w, bias, y, N, K, act); break;
+    case 1: launch(gemv_kernel<T, 1>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 2: launch(gemv_kernel<T, 2>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 3: launch(gemv_kernel<T, 3>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 4: launch(gemv_kernel<T, 4>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 5: launch(gemv_kernel<T, 5>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 6: launch(gemv_kernel<T, 6>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 7: launch(gemv_kernel<T, 7>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
+    case 8: launch(gemv_kernel<T, 8>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act); break;
     default: return MOETRT_ERR_BAD_SHAPE;
   }
   return launch_status();

@@ -15,6 +15,7 @@ __global__ void __launch_bounds__(kLnThreads) add_layernorm_kernel(
     const T* __restrict__ beta, T* __restrict__ sum_out, T* __restrict__ normed, int64_t hidden, float eps) {
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[32];
+  enter_after_predecessor();
   const int64_t row = blockIdx.x;
   const int vecs = static_cast<int>(hidden / N);
   float vals[kLnMaxVecs][N];
@@ -66,6 +67,7 @@ template <typename T>
 __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
                                 int64_t rows, int64_t cols, int kind) {
   constexpr int N = Vec<T>::N;
+  enter_after_predecessor();
   const int64_t total = rows * cols / N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t col = (i * N) % cols;
@@ -88,7 +90,7 @@ MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     constexpr int N = Vec<T>::N;
     if (hidden % N || hidden > int64_t(kLnThreads) * kLnMaxVecs * N) return MOETRT_ERR_BAD_SHAPE;
-    add_layernorm_kernel<T><<<static_cast<unsigned>(rows), kLnThreads, 0, stream>>>(
+    launch_if(rows <= kProgrammaticMaxRows, add_layernorm_kernel<T>, static_cast<unsigned>(rows), kLnThreads, 0, stream,
         static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
         static_cast<const T*>(beta), static_cast<T*>(sum_out), static_cast<T*>(normed), hidden, epsilon);
     return launch_status();
@@ -103,8 +105,8 @@ MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t
     if (cols % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
     const int64_t vecs = rows * cols / Vec<T>::N;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((vecs + 255) / 256, 65535));
-    bias_act_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                   static_cast<T*>(y), rows, cols, activation);
+    launch_if(rows <= kProgrammaticMaxRows, bias_act_kernel<T>, blocks, 256, 0, stream, static_cast<const T*>(x), static_cast<const T*>(bias),
+           static_cast<T*>(y), rows, cols, activation);
     return launch_status();
   })
 }

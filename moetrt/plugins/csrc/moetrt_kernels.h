@@ -21,6 +21,12 @@ MOETRT_API int moetrt_abi_version(void);
 MOETRT_API const char* moetrt_cuda_archs(void);  // e.g. "80,90": the SASS targets the library was built for
 MOETRT_API const char* moetrt_error_string(int code);
 
+// Programmatic dependent launch (Hopper and newer; on by default): kernels launched after this call may start
+// while the kernel ahead of them in the stream still runs, waiting in-kernel for its results, which hides launch
+// latency and lets weight reads begin early. Any stream or CUDA graph sees the same results either way. Entry
+// points say where they read inputs before that wait. Returns the previous setting (1 on, 0 off).
+MOETRT_API int moetrt_set_programmatic_launch(int enable);
+
 // out[t, :] = wte[input_ids[t], :] + wpe[position_ids[t], :] for t < num_tokens.
 // wte [vocab_size, hidden], wpe [max_positions, hidden], out [num_tokens, hidden], all `dtype`.
 // Ids out of range are clamped (the launcher rejects them before the call).
@@ -45,6 +51,8 @@ MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t
 // qkv [batch, tokens, 3 * heads * head_dim] (Megatron order), kv_cache [2, max_batch, heads, max_seq, head_dim],
 // past_lengths [batch] int32, out [batch, tokens, heads * head_dim]. The workspace (size from
 // moetrt_attention_workspace_size) must be zero-filled before its first use; calls leave it zeroed.
+// Decode (tokens == 1) reads past_lengths and the cached K/V below it before waiting for the preceding kernel
+// (programmatic launch): the kernel just before this call in the stream must not write them.
 MOETRT_API int moetrt_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq, size_t* bytes);
 MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* past_lengths, void* out, int batch,
                                 int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
@@ -73,5 +81,7 @@ MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch,
 
 // y[m, :] = act(x[m, :] @ weight^T + bias) for m < rows <= 8; x [rows, k], weight [n, k] (out, in), bias [n] or
 // NULL, y [rows, n]; activation as above (2 = none). k % (16 / sizeof(T)) == 0. For decode-sized GEMMs.
+// The weight is read before waiting for the preceding kernel (programmatic launch): the kernel just before
+// this call in the stream must not write it.
 MOETRT_API int moetrt_gemv(const void* x, const void* weight, const void* bias, void* y, int64_t rows, int64_t n,
                            int64_t k, int activation, int dtype, cudaStream_t stream);

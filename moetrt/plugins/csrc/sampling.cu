@@ -17,6 +17,7 @@ constexpr int kThreads = 1024;
 template <typename T>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const int32_t* __restrict__ rows, T* __restrict__ dst,
                                    int64_t cols, int64_t src_rows) {
+  enter_after_predecessor();
   const int64_t r = blockIdx.x;
   const int64_t s = min(max(static_cast<int64_t>(rows[r]), int64_t(0)), src_rows - 1);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) dst[r * cols + i] = src[s * cols + i];
@@ -55,6 +56,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   __shared__ float fscratch[32];
   __shared__ unsigned uscratch[32];
   __shared__ float chunk_prefix[kThreads];
+  enter_after_predecessor();
   const T* x = logits + static_cast<int64_t>(blockIdx.x) * vocab;
   const int tid = threadIdx.x;
 
@@ -177,8 +179,8 @@ MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* ds
   if (num_rows < 0 || num_rows > 0x7fffffff || cols <= 0 || src_rows <= 0) return MOETRT_ERR_BAD_SHAPE;
   if (num_rows == 0) return 0;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
-    gather_rows_kernel<T><<<static_cast<unsigned>(num_rows), 256, 0, stream>>>(
-        static_cast<const T*>(src), rows, static_cast<T*>(dst), cols, src_rows);
+    launch(gather_rows_kernel<T>, static_cast<unsigned>(num_rows), 256, 0, stream, static_cast<const T*>(src), rows,
+           static_cast<T*>(dst), cols, src_rows);
     return launch_status();
   })
 }
@@ -191,8 +193,8 @@ MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch,
   if (batch == 0) return 0;
   const float inv_t = temperature > 0.f ? 1.f / temperature : 0.f;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
-    sample_kernel<T><<<batch, kThreads, 0, stream>>>(static_cast<const T*>(logits), out_tokens, vocab, inv_t, top_k,
-                                                     top_p, seed, step);
+    launch(sample_kernel<T>, batch, kThreads, 0, stream, static_cast<const T*>(logits), out_tokens, vocab, inv_t,
+           top_k, top_p, seed, step);
     return launch_status();
   })
 }
