@@ -2,7 +2,7 @@
 
 fp32 engines: tp=2 sums each row-parallel projection in two halves plus an all-reduce, a different order than
 tp=1, so logits agree to summation-order accuracy (1e-3 absolute on O(1) logits) and greedy tokens are
-identical. Needs 2 GPUs (nvidia-h200-x2); skipped otherwise.
+identical. Needs 2 GPUs (nvidia-h200-x2), 4 for the tp=4 test; skipped otherwise.
 """
 
 import os
@@ -30,6 +30,7 @@ def _gpus() -> int:
 
 
 needs2 = pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+needs4 = pytest.mark.skipif(_gpus() < 4, reason="needs 4 GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,19 @@ def test_tp2_logits_and_greedy_tokens_equal_tp1(engines, tiny_config):
         assert two.generate(prompts[:1], 8, callback=lambda s, t: seen.append(t[0])) == [seen]
         assert two.generate(prompts, 8, temperature=1.0, top_p=0.9, seed=3) == \
             two.generate(prompts, 8, temperature=1.0, top_p=0.9, seed=3)
+
+
+@needs4
+def test_tp4_logits_and_greedy_tokens_equal_tp1(engines, tiny_checkpoints, tiny_config, tmp_path):
+    """The tiny preset's 4 heads split one per rank; every projection is summed over 4 ranks."""
+    four = compile(tiny_checkpoints["moetrt"], tmp_path / "tp4", tp=4, dtype="fp32", max_batch=4, max_seq=96)
+    ids = np.random.default_rng(1).integers(0, tiny_config.vocab_size, (2, 17))
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    with Runtime(engines[1], device="cuda") as one:
+        want_logits, want_tokens = one.logits(ids), one.generate(prompts, 40)
+    with Runtime(four, device="cuda") as rt:
+        np.testing.assert_allclose(rt.logits(ids), want_logits, rtol=0, atol=1e-3)
+        assert rt.generate(prompts, 40) == want_tokens
 
 
 @needs2
