@@ -11,8 +11,9 @@ For each batch size B (prompts of ``input_len`` random tokens, ``output_len`` ne
   everything preallocated) captured in a CUDA graph per batch size;
 - **floor**: the bytes a step must read (dense weights, the LM head, the gate, the distinct experts the step's
   tokens route to, counted from the torch model's gate on the same inputs, the KV cache up to the context) / the
-  copy bandwidth measured in this run. Prefill's floor reads every weight once; it is also given counting only
-  the experts the prompt routes to.
+  copy bandwidth measured in this run; for a tensor-parallel engine, what one rank must read (its share of the
+  split weights and KV cache, plus the replicated ones). Prefill's floor reads every weight once; it is also
+  given counting only the experts the prompt routes to.
 
 Prints a table of ratios, writes JSON and (with matplotlib) a PNG plot. Needs torch with CUDA.
 """
@@ -29,9 +30,10 @@ from moetrt.errors import MoetrtError
 from moetrt.plugins.bench import copy_bandwidth, cuda_torch
 
 
-def step_bytes(config, itemsize: int, batch: int, context: int, hit: float | None = None) -> dict:
-    """Bytes a decode step of ``batch`` tokens must read; ``hit``: distinct experts per MoE layer (measured), else
-    the expectation under uniform routing."""
+def step_bytes(config, itemsize: int, batch: int, context: int, hit: float | None = None, tp: int = 1) -> dict:
+    """Bytes a decode step of ``batch`` tokens must read, per rank of a ``tp``-way engine (projections, experts and
+    the KV cache split, LayerNorms, gates and the LM head replicated, as ``passes.shard`` lays them out); ``hit``:
+    distinct experts per MoE layer (measured), else the expectation under uniform routing."""
     h, f, V, E, k = (config.hidden_size, config.ffn_hidden_size, config.vocab_size, config.num_experts,
                      config.top_k)
     attn = (4 * h * h + 4 * h) * itemsize
@@ -41,9 +43,10 @@ def step_bytes(config, itemsize: int, batch: int, context: int, hit: float | Non
     dense_layers = config.num_layers - moe_layers
     if hit is None:
         hit = E * (1 - (1 - min(k, E) / E) ** batch)  # expected distinct experts hit per MoE layer
-    weights = (config.num_layers * (attn + 4 * h * itemsize) + dense_layers * dense_ffn
-               + moe_layers * (hit * expert + E * h * 4) + V * h * itemsize)
-    kv = config.num_layers * 2 * batch * context * h * itemsize
+    split = config.num_layers * attn + dense_layers * dense_ffn + moe_layers * hit * expert
+    replicated = config.num_layers * 4 * h * itemsize + moe_layers * E * h * 4 + V * h * itemsize
+    weights = split / tp + replicated
+    kv = config.num_layers * 2 * batch * context * h * itemsize / tp
     return {"weights": weights, "kv": kv, "total": weights + kv, "experts_hit": hit}
 
 
@@ -318,7 +321,7 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
             row["torch_graph_second_token_agreement"] = float(np.mean(
                 [a == t[1] for a, t in zip(second, ours[B]["tokens"]) if len(t) > 1]))
             row["torch_graph_ms_per_token"] = _events_ms(g.replay, 50)
-        fl = step_bytes(cfg, itemsize, B, input_len, row["experts_hit"])
+        fl = step_bytes(cfg, itemsize, B, input_len, row["experts_hit"], tp)
         row["floor_ms_per_token"] = fl["total"] / bw * 1e3
         row["floor_bytes"] = fl["total"]
         row["experts_hit_uniform"] = step_bytes(cfg, itemsize, B, input_len)["experts_hit"]

@@ -403,13 +403,16 @@ bool launch_prefill_wmma(const T* qkv, T* cache, const int32_t* past, T* out, in
     const dim3 grid((tokens + kWQ - 1) / kWQ, heads, batch);
     switch (head_dim) {
       case 16:
-        launch_if(false, attention_prefill_wmma_kernel<T, 16>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 16>, grid, kWThreads, 0, stream, qkv, cache, past, out,
+                  tokens, heads, max_batch, max_seq);
         return true;
       case 32:
-        launch_if(false, attention_prefill_wmma_kernel<T, 32>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 32>, grid, kWThreads, 0, stream, qkv, cache, past, out,
+                  tokens, heads, max_batch, max_seq);
         return true;
       case 64:
-        launch_if(false, attention_prefill_wmma_kernel<T, 64>, grid, kWThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq);
+        launch_if(false, attention_prefill_wmma_kernel<T, 64>, grid, kWThreads, 0, stream, qkv, cache, past, out,
+                  tokens, heads, max_batch, max_seq);
         return true;
       default:
         return false;
@@ -441,15 +444,20 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
 #undef MOETRT_DECODE
     return launch_status();
   }
-  launch_if(false, kv_write_kernel<T>, dim3(tokens, batch), 256, 0, stream, qkv, cache, past, tokens, heads, head_dim, max_batch, max_seq);
+  launch_if(false, kv_write_kernel<T>, dim3(tokens, batch), 256, 0, stream, qkv, cache, past, tokens, heads, head_dim,
+            max_batch, max_seq);
   if (launch_prefill_wmma<T>(qkv, cache, past, out, batch, tokens, heads, head_dim, max_batch, max_seq, stream))
     return launch_status();
   const dim3 grid((tokens + kTile - 1) / kTile, heads, batch);
   switch (head_dim) {
-    case 64: launch_if(false, attention_prefill_kernel<T, 64>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 128: launch_if(false, attention_prefill_kernel<T, 128>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 16: launch_if(false, attention_prefill_kernel<T, 16>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
-    case 32: launch_if(false, attention_prefill_kernel<T, 32>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, heads, max_batch, max_seq); break;
+#define MOETRT_PREFILL(DIM)                                                                                    \
+  launch_if(false, attention_prefill_kernel<T, DIM>, grid, kPrefillThreads, 0, stream, qkv, cache, past, out, tokens, \
+            heads, max_batch, max_seq);
+    case 64: MOETRT_PREFILL(64) break;
+    case 128: MOETRT_PREFILL(128) break;
+    case 16: MOETRT_PREFILL(16) break;
+    case 32: MOETRT_PREFILL(32) break;
+#undef MOETRT_PREFILL
     default: return MOETRT_ERR_BAD_SHAPE;
   }
   return launch_status();

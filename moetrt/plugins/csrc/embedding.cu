@@ -26,9 +26,9 @@ MOETRT_API int moetrt_embedding(const int32_t* input_ids, const int32_t* positio
     return MOETRT_ERR_BAD_SHAPE;
   if (num_tokens == 0) return 0;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
-    launch_if(num_tokens <= kProgrammaticMaxRows, embedding_kernel<T>, static_cast<unsigned>(num_tokens), 256, 0, stream, input_ids, position_ids,
-           static_cast<const T*>(wte), static_cast<const T*>(wpe), static_cast<T*>(out), hidden, vocab_size,
-           max_positions);
+    launch_if(num_tokens <= kProgrammaticMaxRows, embedding_kernel<T>, static_cast<unsigned>(num_tokens), 256, 0,
+              stream, input_ids, position_ids, static_cast<const T*>(wte), static_cast<const T*>(wpe),
+              static_cast<T*>(out), hidden, vocab_size, max_positions);
     return launch_status();
   })
 }

@@ -90,9 +90,9 @@ MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     constexpr int N = Vec<T>::N;
     if (hidden % N || hidden > int64_t(kLnThreads) * kLnMaxVecs * N) return MOETRT_ERR_BAD_SHAPE;
-    launch_if(rows <= kProgrammaticMaxRows, add_layernorm_kernel<T>, static_cast<unsigned>(rows), kLnThreads, 0, stream,
-        static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
-        static_cast<const T*>(beta), static_cast<T*>(sum_out), static_cast<T*>(normed), hidden, epsilon);
+    launch_if(rows <= kProgrammaticMaxRows, add_layernorm_kernel<T>, static_cast<unsigned>(rows), kLnThreads, 0,
+              stream, static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
+              static_cast<const T*>(beta), static_cast<T*>(sum_out), static_cast<T*>(normed), hidden, epsilon);
     return launch_status();
   })
 }
@@ -105,8 +105,8 @@ MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t
     if (cols % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
     const int64_t vecs = rows * cols / Vec<T>::N;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((vecs + 255) / 256, 65535));
-    launch_if(rows <= kProgrammaticMaxRows, bias_act_kernel<T>, blocks, 256, 0, stream, static_cast<const T*>(x), static_cast<const T*>(bias),
-           static_cast<T*>(y), rows, cols, activation);
+    launch_if(rows <= kProgrammaticMaxRows, bias_act_kernel<T>, blocks, 256, 0, stream, static_cast<const T*>(x),
+              static_cast<const T*>(bias), static_cast<T*>(y), rows, cols, activation);
     return launch_status();
   })
 }

@@ -210,6 +210,82 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
   }
 }
 
+// ---- routing at decode sizes (at most 64 assignments, the GEMV regime): one warp per token does softmax + top-k,
+// then warp 0 alone builds what the GEMV regime reads (counts, offsets, active experts, perm, pos_of) with
+// match/scan steps of a few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds.
+// Same results as route_kernel (stable order a = slot * N + token, capacity), less tile_start and loc, which only
+// the grouped GEMM reads.
+constexpr int kSmallRouteMax = 64;
+__global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
+                                                            int capacity) {
+  __shared__ int32_t count_s[kMaxExperts];  // per-expert assignment counts, then the experts' first positions
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  enter_after_predecessor();
+  for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) count_s[e] = 0;
+  __syncthreads();  // this block's expert_of / prob writes are visible
+  if (warp != 0) return;
+  const int A = tokens * top_k;
+  int e_of[2], loc[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {  // assignment c * 32 + lane; chunk 0 counts before chunk 1
+    const int a = c * 32 + lane;
+    const int e = a < A ? w.expert_of[a] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    const int before = e >= 0 ? count_s[e] : 0;
+    __syncwarp();
+    if (e >= 0 && rank == 0) count_s[e] = before + __popc(peers);
+    __syncwarp();
+    e_of[c] = e;
+    loc[c] = before + rank;
+  }
+  const int per_lane = (experts + 31) / 32;  // lane owns experts [lane * per_lane, (lane + 1) * per_lane)
+  int kept[kMaxExperts / 32], sum = 0, n_act = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxExperts / 32; ++i) {
+    const int e = lane * per_lane + i;
+    kept[i] = i < per_lane && e < experts ? (capacity > 0 ? min(count_s[e], capacity) : count_s[e]) : 0;
+    sum += kept[i];
+    n_act += kept[i] > 0;
+  }
+  int sum_incl = sum, act_incl = n_act;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int s1 = __shfl_up_sync(0xffffffffu, sum_incl, o), a1 = __shfl_up_sync(0xffffffffu, act_incl, o);
+    if (lane >= o) { sum_incl += s1; act_incl += a1; }
+  }
+  int off = sum_incl - sum, idx = act_incl - n_act;
+#pragma unroll
+  for (int i = 0; i < kMaxExperts / 32; ++i) {
+    const int e = lane * per_lane + i;
+    if (i < per_lane && e < experts) {
+      w.counts[e] = kept[i];
+      w.offsets[e] = off;
+      count_s[e] = off;
+      if (kept[i] > 0) w.active[1 + idx++] = e;
+      off += kept[i];
+    }
+  }
+  if (lane == 31) {
+    w.offsets[experts] = sum_incl;
+    w.active[0] = act_incl;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int a = c * 32 + lane;
+    if (a >= A) continue;
+    if (capacity <= 0 || loc[c] < capacity) {
+      const int p = count_s[e_of[c]] + loc[c];
+      w.perm[p] = a;
+      w.pos_of[a] = p;
+    } else {
+      w.pos_of[a] = -1;
+    }
+  }
+}
+
 // ---- few tokens per expert: persistent GEMV, a warp per (active expert, group of RG output rows) ------------------
 // FC1: act[p, r] = act(W1[e][r] · x[token(p)] + b1[e][r]);  FC2: y[p, r] = W2[e][r] · act[p] + b2[e][r], or with
 // kOut (top-1, the finalize fused in): out[t, r] = residual[t, r] + prob[t] * (W2[e][r] · act[p] + b2[e][r]) for
@@ -499,10 +575,10 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
     cudaFuncSetAttribute(expert_gemm_kernel<T, false, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     configured = true;
   }
-  launch_if(false, expert_gemm_kernel<T, true, BM>, grid, kGemmThreads, bytes, stream, hidden, fc1_w, fc1_b, w, tokens, f, h,
-         act_kind);
-  launch_if(false, expert_gemm_kernel<T, false, BM>, grid, kGemmThreads, bytes, stream, static_cast<const T*>(w.act), fc2_w,
-         fc2_b, w, tokens, h, f, act_kind);
+  launch_if(false, expert_gemm_kernel<T, true, BM>, grid, kGemmThreads, bytes, stream, hidden, fc1_w, fc1_b, w, tokens,
+            f, h, act_kind);
+  launch_if(false, expert_gemm_kernel<T, false, BM>, grid, kGemmThreads, bytes, stream, static_cast<const T*>(w.act),
+            fc2_w, fc2_b, w, tokens, h, f, act_kind);
 }
 
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
@@ -515,15 +591,20 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   const bool programmatic = !kGemm && A <= kGemvMaxAssignments;
   const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
   const int epw = tokens <= kGateTok ? 1 : 4;  // decode: spread the gate over many SMs; prefill: reuse x tiles
-  launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128,
-         tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
+  launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile),
+            128, tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
   constexpr bool gemm = kGemm;
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
-  const bool fused_topk = tokens <= kRouteThreads / 32;
-  if (!fused_topk) launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
-  launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w, tokens, experts, top_k,
-         capacity, gemm ? bm : 1, fused_topk);
+  if (!gemm && A <= kSmallRouteMax) {
+    launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
+              capacity);
+  } else {
+    const bool fused_topk = tokens <= kRouteThreads / 32;
+    if (!fused_topk) launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
+    launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w, tokens,
+              experts, top_k, capacity, gemm ? bm : 1, fused_topk);
+  }
   if constexpr (gemm) {
     if constexpr (sizeof(T) == 2) {
       if (bm == 32) launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
