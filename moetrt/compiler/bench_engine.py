@@ -234,19 +234,16 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
                  + (f", all-reduces {ours[B]['allreduce_ms_per_step']:.3f} ms" if manifest.tensor_parallel > 1 else "")
                  + ")")
     if tp == 1:  # the same steps with programmatic dependent launch off: what it is worth
-        from moetrt.plugins.kernels import set_programmatic_launch
-        previous = set_programmatic_launch(False)
+        from moetrt.plugins.kernels import programmatic_launch
         rt.drop_graphs()
-        try:
+        with programmatic_launch(False):
             for B in batches:
                 m = rt.measure(prompts[B], output_len)
                 ours[B]["decode_graph_ms_no_pdl"] = m["decode_graph_ms"]
                 ours[B]["decode_ms_per_token_no_pdl"] = m["decode_ms_per_token"]
                 progress(f"moetrt B={B} without programmatic launch: decode {m['decode_ms_per_token']:.3f} ms/token "
                          f"(graph replay {m['decode_graph_ms']:.3f} ms)")
-        finally:
-            set_programmatic_launch(previous)
-            rt.drop_graphs()
+        rt.drop_graphs()
     # one long prompt: the prefill the floor is about (every expert is read)
     P = min(prefill_len, manifest.max_seq - 2, 4096)
     long_prompt = rng.integers(0, cfg.vocab_size, (1, P)).astype(np.int32)

@@ -262,7 +262,7 @@ class CudaRuntime(Closing):
 
     def drop_graphs(self) -> None:
         """Destroy the captured decode graphs; the next decode step of each batch size captures anew (after
-        tuning, or to take a new launch setting such as ``set_programmatic_launch``)."""
+        tuning, or to take a new launch setting such as ``plugins.kernels.programmatic_launch``)."""
         for g in self.graphs.values():
             g.destroy()
         self.graphs = {}

@@ -59,12 +59,9 @@ def time_ms(fn, reps: int = 20, graph: bool = True) -> float:
 
 def time_ms_without_pdl(fn) -> float:
     """``time_ms(fn)`` with programmatic dependent launch off: what it is worth to a kernel's chain of launches."""
-    from moetrt.plugins.kernels import set_programmatic_launch
-    previous = set_programmatic_launch(False)
-    try:
+    from moetrt.plugins.kernels import programmatic_launch
+    with programmatic_launch(False):
         return time_ms(fn)
-    finally:
-        set_programmatic_launch(previous)
 
 
 def copy_bandwidth() -> float:

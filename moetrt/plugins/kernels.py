@@ -6,6 +6,7 @@ Search order: ``$MOETRT_KERNELS_LIB`` (a file), beside this module, then each si
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -62,11 +63,18 @@ def load_library() -> ctypes.CDLL:
     return lib
 
 
-def set_programmatic_launch(enable: bool) -> bool:
-    """Switch programmatic dependent launch (Hopper+: a kernel may start while the one before it finishes, and
-    waits for its results in-kernel) for launches from now on; CUDA graphs keep what they were captured with.
-    On by default; ``MOETRT_PROGRAMMATIC_LAUNCH=0`` starts with it off. Returns the previous setting."""
-    return bool(load_library().moetrt_set_programmatic_launch(int(bool(enable))))
+@contextlib.contextmanager
+def programmatic_launch(enable: bool):
+    """Within the block, launches use programmatic dependent launch (Hopper+: a kernel may start while the one
+    before it finishes, and waits for its results in-kernel) or not; the previous setting returns afterwards.
+    CUDA graphs keep what they were captured with. On by default; ``MOETRT_PROGRAMMATIC_LAUNCH=0`` starts with it
+    off."""
+    lib = load_library()
+    previous = lib.moetrt_set_programmatic_launch(int(bool(enable)))
+    try:
+        yield
+    finally:
+        lib.moetrt_set_programmatic_launch(previous)
 
 
 def check(code: int, what: str) -> None:

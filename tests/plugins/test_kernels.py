@@ -231,7 +231,7 @@ def test_programmatic_launch_chain_matches_stream_order(dtype, B):
     GEMV -> add+LayerNorm -> MoE, eight times over one KV cache), eagerly and captured in a CUDA graph: with
     programmatic dependent launch on (the default on Hopper) the bits equal those of plain stream order. A
     kernel that read its inputs before waiting for its predecessor would differ (the cache, the activations)."""
-    from moetrt.plugins.kernels import set_programmatic_launch
+    from moetrt.plugins.kernels import programmatic_launch
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90 or newer")
     dt = DTYPES[dtype]
@@ -246,23 +246,22 @@ def test_programmatic_launch_chain_matches_stream_order(dtype, B):
     pasts = [torch.full((B,), 20 + s, dtype=torch.int32, device="cuda") for s in range(steps)]
 
     def run(pdl: bool, graph: bool):
-        previous = set_programmatic_launch(pdl)
-        try:
-            x, cache = x0.clone(), cache0.clone()
-            qkv, attn, y = (poisoned((B, n), dt) for n in (3 * h, h, h))
-            s, n = poisoned((B, h), dt), poisoned((B, h), dt)
-            ws_a = torch.zeros(launch.attention_workspace_size(B, H, D, 64), dtype=torch.uint8, device="cuda")
-            ws_m = torch.zeros(launch.moe_workspace_size(B, h, f, E, 1, dtype), dtype=torch.uint8, device="cuda")
+        x, cache = x0.clone(), cache0.clone()
+        qkv, attn, y = (poisoned((B, n), dt) for n in (3 * h, h, h))
+        s, n = poisoned((B, h), dt), poisoned((B, h), dt)
+        ws_a = torch.zeros(launch.attention_workspace_size(B, H, D, 64), dtype=torch.uint8, device="cuda")
+        ws_m = torch.zeros(launch.moe_workspace_size(B, h, f, E, 1, dtype), dtype=torch.uint8, device="cuda")
 
-            def chain():
-                for step in range(steps):
-                    launch.gemv(x, wqkv, None, qkv, stream=torch.cuda.current_stream().cuda_stream)
-                    launch.attention(qkv.view(B, 1, 3 * h), cache, pasts[step], attn.view(B, 1, h), H, ws_a,
-                                     stream=torch.cuda.current_stream().cuda_stream)
-                    launch.gemv(attn, wo, None, y, stream=torch.cuda.current_stream().cuda_stream)
-                    launch.add_layernorm(x, y, ln_g, ln_b, s, n, stream=torch.cuda.current_stream().cuda_stream)
-                    launch.moe(n, *moe_w, x, ws_m, residual=s, stream=torch.cuda.current_stream().cuda_stream)
+        def chain():
+            st = torch.cuda.current_stream().cuda_stream
+            for step in range(steps):
+                launch.gemv(x, wqkv, None, qkv, stream=st)
+                launch.attention(qkv.view(B, 1, 3 * h), cache, pasts[step], attn.view(B, 1, h), H, ws_a, stream=st)
+                launch.gemv(attn, wo, None, y, stream=st)
+                launch.add_layernorm(x, y, ln_g, ln_b, s, n, stream=st)
+                launch.moe(n, *moe_w, x, ws_m, residual=s, stream=st)
 
+        with programmatic_launch(pdl):
             if graph:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -273,9 +272,7 @@ def test_programmatic_launch_chain_matches_stream_order(dtype, B):
             else:
                 chain()
             torch.cuda.synchronize()
-            return x.cpu(), cache.cpu()
-        finally:
-            set_programmatic_launch(previous)
+        return x.cpu(), cache.cpu()
 
     x_ref, cache_ref = run(pdl=False, graph=False)
     assert torch.isfinite(x_ref.float()).all()

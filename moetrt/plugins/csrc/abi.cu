@@ -22,15 +22,6 @@ MOETRT_API int moetrt_set_programmatic_launch(int enable) { return g_programmati
 
 namespace moetrt {
 bool programmatic_launch_enabled() {
-  if (!g_programmatic.load(std::memory_order_relaxed)) return false;
-  static int major[64] = {0};  // compute capability per device, looked up once
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (!major[dev]) {
-    int m = 0;
-    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-    major[dev] = m;
-  }
-  return major[dev] >= 9;
+  return g_programmatic.load(std::memory_order_relaxed) && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
 }
 }  // namespace moetrt

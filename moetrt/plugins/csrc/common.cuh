@@ -74,17 +74,20 @@ __device__ __forceinline__ float activate(float x, int kind) {
 
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
-// Multiprocessors of the current device (looked up once per device).
-inline int sm_count() {
+// An attribute of the current device, looked up once per device; 0 when it cannot be read.
+template <cudaDeviceAttr kAttr>
+inline int device_attribute() {
   static int cached[64] = {0};
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (!cached[dev]) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cached[dev] = n > 0 ? n : 132;
-  }
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (!cached[dev] && cudaDeviceGetAttribute(&cached[dev], kAttr, dev) != cudaSuccess) cached[dev] = 0;
   return cached[dev];
+}
+
+// Multiprocessors of the current device (132, an H100's, if unknown).
+inline int sm_count() {
+  const int n = device_attribute<cudaDevAttrMultiProcessorCount>();
+  return n > 0 ? n : 132;
 }
 
 // ---- programmatic dependent launch (sm_90+) ------------------------------------------------------------------

@@ -593,19 +593,18 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   const int epw = tokens <= kGateTok ? 1 : 4;  // decode: spread the gate over many SMs; prefill: reuse x tiles
   launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile),
             128, tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
-  constexpr bool gemm = kGemm;
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
-  if (!gemm && A <= kSmallRouteMax) {
+  if (!kGemm && A <= kSmallRouteMax) {
     launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
               capacity);
   } else {
     const bool fused_topk = tokens <= kRouteThreads / 32;
     if (!fused_topk) launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
     launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w, tokens,
-              experts, top_k, capacity, gemm ? bm : 1, fused_topk);
+              experts, top_k, capacity, kGemm ? bm : 1, fused_topk);
   }
-  if constexpr (gemm) {
+  if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
       if (bm == 32) launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
       else if (bm == 64) launch_gemm<T, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, h, f, act_kind, stream);
