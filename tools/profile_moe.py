@@ -14,7 +14,7 @@ b1 = (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt)
 w2 = (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt)
 b2 = (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)
 
-for N in (1, 8, 32, 4096):
+for N in (1, 8, 32, 512, 4096):
     x = torch.randn(N, h, device="cuda").to(dt)
     out = torch.full((N, h), float("nan"), device="cuda", dtype=dt)
     ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")

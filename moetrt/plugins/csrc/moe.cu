@@ -5,10 +5,9 @@
 // Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
 //  - few assignments (decode): a persistent GEMV over (active expert, 4-row chunk) work items that reads
 //    each hit expert's weights once with 16-byte loads and applies them to up to 8 of its tokens at a time;
-//  - many (prefill, fp16/bf16): a tensor-core (WMMA) grouped GEMM over (expert, 128-row tile, 128-col tile).
-#include <mma.h>
-
+//  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -20,7 +19,7 @@ constexpr int kGemvTok = 4;        // tokens per GEMV pass
 constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
-constexpr int kBN = 128, kBK = 32, kGemmThreads = 256, kStages = 4;
+constexpr int kBN = 128, kBK = 64;
 constexpr int kGemvMaxAssignments = 64;   // above this many assignments, fp16/bf16 use the grouped GEMM
 
 struct Workspace {
@@ -101,6 +100,85 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
         if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
       }
   }
+}
+
+// ---- gate logits for many tokens (prefill): a 16-token x 64-expert tile per block, register-tiled ----------------
+// Each of the 128 threads owns 2 tokens x 4 experts (experts tx + 16j: consecutive rows for consecutive lanes, so
+// the padded float4 reads of the gate tile are conflict-free). x (as fp32) and the gate pass through shared memory
+// 64 columns at a time; the next columns are loaded into registers while the current ones are multiplied.
+constexpr int kGateTileTok = 16, kGateTileExp = 64, kGateTileK = 64, kGateLd = kGateTileK + 4, kGateThreads = 128;
+template <typename T>
+__device__ __forceinline__ float4 load4_float(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const float4*>(p);
+  } else {
+    union { uint2 raw; T v[4]; } u;
+    u.raw = *reinterpret_cast<const uint2*>(p);
+    return make_float4(to_float(u.v[0]), to_float(u.v[1]), to_float(u.v[2]), to_float(u.v[3]));
+  }
+}
+template <typename T>
+__global__ void __launch_bounds__(kGateThreads) gate_logits_tiled_kernel(const T* __restrict__ x,
+                                                                         const float* __restrict__ wg,
+                                                                         float* __restrict__ logits, int tokens,
+                                                                         int hidden, int experts) {
+  constexpr int XL = kGateTileTok * kGateTileK / 4 / kGateThreads, WL = kGateTileExp * kGateTileK / 4 / kGateThreads;
+  __shared__ __align__(16) float xs[kGateTileTok][kGateLd];
+  __shared__ __align__(16) float ws[kGateTileExp][kGateLd];
+  enter_after_predecessor();
+  const int t0 = blockIdx.y * kGateTileTok, e0 = blockIdx.x * kGateTileExp;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float4 xr[XL], wr[WL];
+  auto fetch = [&](int k0) {  // hidden % 8 == 0: a 4-column chunk is all in or all out
+#pragma unroll
+    for (int i = 0; i < XL; ++i) {
+      const int q = threadIdx.x + i * kGateThreads, t = t0 + q / (kGateTileK / 4), k = k0 + (q % (kGateTileK / 4)) * 4;
+      xr[i] = t < tokens && k < hidden ? load4_float(x + int64_t(t) * hidden + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < WL; ++i) {
+      const int q = threadIdx.x + i * kGateThreads, e = e0 + q / (kGateTileK / 4), k = k0 + (q % (kGateTileK / 4)) * 4;
+      wr[i] = e < experts && k < hidden ? __ldg(reinterpret_cast<const float4*>(wg + int64_t(e) * hidden + k))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  float acc[2][4] = {};
+  fetch(0);
+  for (int k0 = 0; k0 < hidden; k0 += kGateTileK) {
+#pragma unroll
+    for (int i = 0; i < XL; ++i) {
+      const int q = threadIdx.x + i * kGateThreads;
+      *reinterpret_cast<float4*>(&xs[q / (kGateTileK / 4)][(q % (kGateTileK / 4)) * 4]) = xr[i];
+    }
+#pragma unroll
+    for (int i = 0; i < WL; ++i) {
+      const int q = threadIdx.x + i * kGateThreads;
+      *reinterpret_cast<float4*>(&ws[q / (kGateTileK / 4)][(q % (kGateTileK / 4)) * 4]) = wr[i];
+    }
+    __syncthreads();
+    if (k0 + kGateTileK < hidden) fetch(k0 + kGateTileK);
+#pragma unroll
+    for (int k = 0; k < kGateTileK; k += 4) {
+      float4 xv[2], wv[4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) xv[i] = *reinterpret_cast<const float4*>(&xs[2 * ty + i][k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wv[j] = *reinterpret_cast<const float4*>(&ws[tx + 16 * j][k]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          acc[i][j] += xv[i].x * wv[j].x + xv[i].y * wv[j].y + xv[i].z * wv[j].z + xv[i].w * wv[j].w;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int t = t0 + 2 * ty + i, e = e0 + tx + 16 * j;
+      if (t < tokens && e < experts) logits[int64_t(t) * experts + e] = acc[i][j];
+    }
 }
 
 // ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
@@ -404,7 +482,7 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
               w, residual, out, may_drop, tokens, rows, K, act_kind);
 }
 
-// ---- many tokens per expert: grouped GEMM on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate) ------------
+// ---- many tokens per expert: grouped GEMM on tensor cores (mma.sync, fp16/bf16 in, fp32 accumulate) ---------
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
@@ -413,113 +491,213 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// BM (32, 64, 128) follows the tokens per expert so that short experts do not pay for a 128-row tile; the 8 warps
-// are 2 (rows) x 4 (columns), each BM/2 x 32.
+// mma.sync.m16n8k16 with fp32 accumulators: D = A (16x16, row-major) * B (16x8, "col": stored [n][k]) + D.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(s));
+}
+// Operand tiles are [rows][kBK] of 16-bit elements with the 16-byte chunks of a row permuted by an XOR with the
+// row's low bits (r % 8 for 128-byte rows, (r / 2) % 4 for 64-byte ones): cp.async writing rows and ldmatrix
+// reading one chunk of 8 consecutive rows then both touch all 32 banks once.
+__device__ __forceinline__ int swizzled(int r, int chunk) {
+  static_assert(kBK == 64 || kBK == 32, "swizzle for 128- or 64-byte rows");
+  return r * kBK + ((chunk ^ (kBK == 64 ? r & 7 : (r >> 1) & 3)) << 3);
+}
+template <int BM> __host__ __device__ constexpr int gemm_stages() { return BM >= 128 ? 3 : 4; }
+// Warps over the rows of a tile (4 more over its 128 columns each): more warps hide more latency, fewer rows a
+// warp means more fragment loads per MMA.
+template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
+template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
+template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() { return gemm_stages<BM>() * (BM + kBN) * kBK * 2; }
+
+// A block computes BM x kBN output tiles of one expert (BM = 32, 64, 128 follows the tokens per expert, so that
+// short experts do not pay for a 128-row tile); its warps form a WM x 4 grid, each over BM/WM rows and 32 columns. A block takes work items (expert, row tile, column tile) in a
+// grid-stride loop as one stream of k-tiles: the cp.async pipeline runs on into the next item while this one's
+// last k-tiles and epilogue compute, so no item starts on an empty pipeline. Each thread copies the same chunk
+// column of rows tid/8 + 16i of every tile, and so holds its own rows' token indices (looked up one item ahead).
 template <typename T, bool FC1, int BM>
-__global__ void __launch_bounds__(kGemmThreads) expert_gemm_kernel(
+__global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     int tokens, int rows, int K, int act_kind) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 fragments exist on sm_80+ only (and not in the host pass)
-  using namespace nvcuda;
-  constexpr int LD = kBK + 8;  // padded rows: 80 bytes, keeps 16-byte alignment and spreads banks
-  // kStages operand tiles in dynamic shared memory; the epilogue's per-warp 16x16 staging reuses their space
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
+  constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = 4;
+  constexpr int kChunks = kBK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
+  constexpr int AR = BM / kRowStep, BR = kBN / kRowStep;              // rows each thread copies
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int FM = BM / 32;  // 16-row fragments per warp
-  static_assert(kGemmThreads / 32 * 16 * 20 * sizeof(float) <= kStages * (BM + kBN) * LD * sizeof(T), "staging");
-  auto As = reinterpret_cast<T(*)[BM][LD]>(smem);
-  auto Bs = reinterpret_cast<T(*)[kBN][LD]>(smem + kStages * BM * LD * sizeof(T));
-  auto Cs = reinterpret_cast<float(*)[16][20]>(smem);
-  __shared__ int32_t src_row[BM];
+  T* As = reinterpret_cast<T*>(smem);  // [S][BM * kBK]
+  T* Bs = As + S * BM * kBK;           // [S][kBN * kBK]
+  __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
   enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wm = warp / 4, wn = warp % 4;
-  const int n_tiles = (rows + kBN - 1) / kBN;
+  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * 32;  // this warp's rows and columns in the tile
+  const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
   const int n_active = w.active[0];
-  const int total = w.tile_start[n_active] * n_tiles;
+  for (int i = threadIdx.x; i <= n_active; i += blockDim.x) {
+    tile_start_s[i] = w.tile_start[i];
+    if (i < n_active) {
+      const int e = w.active[1 + i];
+      active_s[i] = e;
+      count_s[i] = w.counts[e];
+      off_s[i] = w.offsets[e];
+    }
+  }
+  __syncthreads();
+  const int n_tiles = (rows + kBN - 1) / kBN;
+  const int total = tile_start_s[n_active] * n_tiles;
   const int k_tiles = (K + kBK - 1) / kBK;
-  for (int item = blockIdx.x; item < total; item += gridDim.x) {
-    const int mt_all = item / n_tiles, nt = item % n_tiles;
-    int i = 0;
-    while (w.tile_start[i + 1] <= mt_all) ++i;
-    const int e = w.active[1 + i];
-    const int m0 = (mt_all - w.tile_start[i]) * BM, n0 = nt * kBN;
-    const int count = w.counts[e], off = w.offsets[e];
-    __syncthreads();  // src_row and the staging tiles of the previous item are no longer read
-    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
-      const int p = off + m0 + r;
-      src_row[r] = m0 + r < count ? (FC1 ? w.perm[p] % tokens : p) : -1;
+  const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  struct Tile { int e, m0, n0, count, off; };
+  auto describe = [&](int j) {  // this block's j-th item
+    const int item = blockIdx.x + j * gridDim.x, mt_all = item / n_tiles;
+    int lo = 0, hi = n_active;  // the active expert whose row tiles hold mt_all
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (tile_start_s[mid] <= mt_all) lo = mid;
+      else hi = mid;
     }
-    __syncthreads();
-    const T* W = weight + int64_t(e) * rows * K;
-    auto load = [&](int stage, int k0) {
-      for (int c = threadIdx.x; c < BM * kBK / 8; c += blockDim.x) {
-        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-        const int sr = src_row[r];
-        const bool ok = sr >= 0 && k0 + kc < K;
-        cp_async16(&As[stage][r][kc], ok ? input + int64_t(sr) * K + k0 + kc : input, ok);
+    Tile t;
+    t.e = active_s[lo];
+    t.m0 = (mt_all - tile_start_s[lo]) * BM;
+    t.n0 = (item % n_tiles) * kBN;
+    t.count = count_s[lo];
+    t.off = off_s[lo];
+    return t;
+  };
+  // the row of `input` behind each A row this thread copies (-1: past the expert's tokens); for FC1 in two
+  // halves, the perm load one item ahead and the "% tokens" when the item comes up, so that no warp waits on it
+  auto source_rows = [&](const Tile& t, int (&src)[AR]) {
+#pragma unroll
+    for (int i = 0; i < AR; ++i) {
+      const int r = t.m0 + row_lo + i * kRowStep, p = t.off + r;
+      src[i] = r < t.count ? (FC1 ? w.perm[p] : p) : -1;
+    }
+  };
+  auto take_rows = [&](int (&dst)[AR], const int (&src)[AR]) {
+#pragma unroll
+    for (int i = 0; i < AR; ++i) dst[i] = FC1 && src[i] >= 0 ? src[i] % tokens : src[i];
+  };
+  // the load cursor: item ld_j, k-tile ld_kt; the next item's rows are looked up when the cursor enters an item
+  int ld_j = 0, ld_kt = 0, ld_src[AR], nx_src[AR];
+  Tile ld{}, nx{};
+  if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); }
+  if (n_mine > 1) { nx = describe(1); source_rows(nx, nx_src); }
+  auto load_next = [&](int stage) {  // one commit group per k-tile, empty once this block's items are all loaded
+    if (ld_j < n_mine) {
+      const int k = ld_kt * kBK + ch * 8;
+      T* a = As + stage * BM * kBK;
+      T* b = Bs + stage * kBN * kBK;
+#pragma unroll
+      for (int i = 0; i < AR; ++i) {
+        const bool ok = ld_src[i] >= 0 && k < K;
+        cp_async16(a + swizzled(row_lo + i * kRowStep, ch), ok ? input + int64_t(ld_src[i]) * K + k : input, ok);
       }
-      for (int c = threadIdx.x; c < kBN * kBK / 8; c += blockDim.x) {
-        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-        const bool ok = n0 + r < rows && k0 + kc < K;
-        cp_async16(&Bs[stage][r][kc], ok ? W + int64_t(n0 + r) * K + k0 + kc : W, ok);
+      const T* W = weight + (int64_t(ld.e) * rows + ld.n0) * K;
+#pragma unroll
+      for (int i = 0; i < BR; ++i) {
+        const int r = row_lo + i * kRowStep;
+        const bool ok = ld.n0 + r < rows && k < K;
+        cp_async16(b + swizzled(r, ch), ok ? W + int64_t(r) * K + k : W, ok);
       }
-      cp_async_commit();
+      if (++ld_kt == k_tiles) {
+        ld_kt = 0;
+        if (++ld_j < n_mine) {
+          ld = nx;
+          take_rows(ld_src, nx_src);
+          if (ld_j + 1 < n_mine) { nx = describe(ld_j + 1); source_rows(nx, nx_src); }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) load_next(s);  // wait_group<S - 2> below then always means "step s landed"
+  float acc[MI][NI][4];
+  Tile cur{};
+  const int steps = n_mine * k_tiles;
+  for (int s = 0, kt = 0, j = 0; s < steps; ++s) {
+    if (kt == 0) {
+      cur = describe(j);
+#pragma unroll
+      for (int a = 0; a < MI; ++a)
+#pragma unroll
+        for (int b = 0; b < NI; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+    }
+    cp_async_wait<S - 2>();
+    __syncthreads();  // step s visible to all; stage (s - 1) % S no longer read
+    load_next((s + S - 1) % S);
+    const T* a = As + (s % S) * BM * kBK;
+    const T* b = Bs + (s % S) * kBN * kBK;
+    // fragments double-buffered in registers: ldmatrix for k-step kk + 1 is issued before the MMAs of kk (asm
+    // volatile keeps source order, so this order is the schedule)
+    uint32_t af[2][MI][4], bf[2][NI / 2][4];
+    auto load_fragments = [&](int buf, int kk) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(af[buf][mi], a + swizzled(wm0 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int nj = 0; nj < NI / 2; ++nj)  // n-tiles 2nj and 2nj + 1: (n 0-7 | 8-15) x (k 0-7 | 8-15)
+        ldmatrix_x4(bf[buf][nj], b + swizzled(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                              kk * 2 + ((lane >> 3) & 1)));
     };
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][2];
+    load_fragments(0, 0);
 #pragma unroll
-    for (int a = 0; a < FM; ++a)
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      if (kk + 1 < kBK / 16) load_fragments((kk + 1) & 1, kk + 1);
+      const int cb = kk & 1;
 #pragma unroll
-      for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.f);
-    // prologue: kStages - 1 tiles in flight; one commit group per k-tile (empty past the end), so that
-    // wait_group<kStages - 2> always means "tile kt has landed"
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_tiles) load(s, s * kBK);
-      else cp_async_commit();
+        for (int ni = 0; ni < NI; ++ni)
+          mma_16816<T>(acc[mi][ni], af[cb][mi], bf[cb][ni / 2][(ni % 2) * 2], bf[cb][ni / 2][(ni % 2) * 2 + 1]);
     }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int stage = kt % kStages;
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // tile kt visible to all; stage (kt - 1) % kStages no longer read
-      if (kt + kStages - 1 < k_tiles) load((kt + kStages - 1) % kStages, (kt + kStages - 1) * kBK);
-      else cp_async_commit();
+    if (++kt < k_tiles) continue;
+    kt = 0;
+    ++j;
+    // epilogue from the accumulators: lane holds rows g, g + 8 and columns 2t, 2t + 1 of each 16x8 tile
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
 #pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[FM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[2];
+    for (int ni = 0; ni < NI; ++ni) {
+      const int c = cur.n0 + wn0 + ni * 8 + t2;
+      if (c >= rows) continue;  // rows % 8 == 0: c + 1 < rows as well
+      const float b0 = to_float(bias[int64_t(cur.e) * rows + c]), b1 = to_float(bias[int64_t(cur.e) * rows + c + 1]);
 #pragma unroll
-        for (int a = 0; a < FM; ++a) wmma::load_matrix_sync(af[a], &As[stage][wm * (BM / 2) + a * 16][kk], LD);
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(bf[b], &Bs[stage][wn * 32 + b * 16][kk], LD);
-#pragma unroll
-        for (int a = 0; a < FM; ++a)
-#pragma unroll
-          for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is done with the operand tiles before they become epilogue staging
-    // epilogue, one 16x16 fragment at a time through this warp's staging tile
-#pragma unroll
-    for (int a = 0; a < FM; ++a)
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        wmma::store_matrix_sync(&Cs[warp][0][0], acc[a][b], 20, wmma::mem_row_major);
-        __syncwarp();
-        for (int x = lane; x < 256; x += 32) {
-          const int r = m0 + wm * (BM / 2) + a * 16 + x / 16, c = n0 + wn * 32 + b * 16 + x % 16;
-          if (r < count && c < rows) {
-            const float s = Cs[warp][x / 16][x % 16] + to_float(bias[int64_t(e) * rows + c]);
-            const int64_t p = off + r;
-            if (FC1) static_cast<T*>(w.act)[p * rows + c] = from_float<T>(activate(s, act_kind));
-            else w.y[p * rows + c] = s;
+        for (int h = 0; h < 2; ++h) {
+          const int r = cur.m0 + wm0 + mi * 16 + g + h * 8;
+          if (r >= cur.count) continue;
+          const int64_t o = int64_t(cur.off + r) * rows + c;
+          const float s0 = acc[mi][ni][2 * h] + b0, s1 = acc[mi][ni][2 * h + 1] + b1;
+          if (FC1) {
+            T pair[2] = {from_float<T>(activate(s0, act_kind)), from_float<T>(activate(s1, act_kind))};
+            *reinterpret_cast<uint32_t*>(static_cast<T*>(w.act) + o) = *reinterpret_cast<const uint32_t*>(pair);
+          } else {
+            *reinterpret_cast<float2*>(w.y + o) = make_float2(s0, s1);
           }
         }
-        __syncwarp();
-      }
+    }
   }
+  cp_async_wait<0>();
 #elif defined(__CUDA_ARCH__)
-  __trap();  // built for an architecture without bf16/fp16 WMMA: never return silently
+  __trap();  // built for an architecture without bf16/fp16 MMA: never return silently
 #endif
 }
 
@@ -567,17 +745,20 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
 template <typename T, int BM>
 void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
                  int tokens, int h, int f, int act_kind, cudaStream_t stream) {
-  const int grid = sm_count() * 2;
-  const int bytes = kStages * (BM + kBN) * (kBK + 8) * sizeof(T);
-  static bool configured = false;  // the dynamic shared-memory limit is raised once per function (per process)
-  if (!configured) {
+  const int bytes = gemm_smem_bytes<BM>();
+  static int per_sm = 0;  // the shared-memory limit is raised, and the resident blocks found, once per process
+  if (!per_sm) {
     cudaFuncSetAttribute(expert_gemm_kernel<T, true, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(expert_gemm_kernel<T, false, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    configured = true;
+    int fc1 = 0, fc2 = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fc1, expert_gemm_kernel<T, true, BM>, gemm_threads<BM>(), bytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fc2, expert_gemm_kernel<T, false, BM>, gemm_threads<BM>(), bytes);
+    per_sm = std::max(1, std::min(fc1, fc2));
   }
-  launch_if(false, expert_gemm_kernel<T, true, BM>, grid, kGemmThreads, bytes, stream, hidden, fc1_w, fc1_b, w, tokens,
+  const int grid = sm_count() * per_sm;  // persistent: one wave of resident blocks
+  launch_if(false, expert_gemm_kernel<T, true, BM>, grid, gemm_threads<BM>(), bytes, stream, hidden, fc1_w, fc1_b, w, tokens,
             f, h, act_kind);
-  launch_if(false, expert_gemm_kernel<T, false, BM>, grid, kGemmThreads, bytes, stream, static_cast<const T*>(w.act),
+  launch_if(false, expert_gemm_kernel<T, false, BM>, grid, gemm_threads<BM>(), bytes, stream, static_cast<const T*>(w.act),
             fc2_w, fc2_b, w, tokens, h, f, act_kind);
 }
 
@@ -589,10 +770,17 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                       int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kGemvMaxAssignments;
-  const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
-  const int epw = tokens <= kGateTok ? 1 : 4;  // decode: spread the gate over many SMs; prefill: reuse x tiles
-  launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile),
-            128, tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
+  if (tokens > kGemvMaxAssignments) {  // prefill: the gate is a small GEMM
+    launch_if(false, gate_logits_tiled_kernel<T>,
+              dim3((experts + kGateTileExp - 1) / kGateTileExp, (tokens + kGateTileTok - 1) / kGateTileTok), kGateThreads, 0,
+              stream, hidden, gate_weight, w.logits, tokens, h, experts);
+  } else {
+    const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
+    const int epw = tokens <= kGateTok ? 1 : 4;  // 1-8 tokens: spread the gate over many SMs; more: reuse x tiles
+    launch_if(programmatic, gate_logits_kernel<T>,
+              dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
+              stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
+  }
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
   if (!kGemm && A <= kSmallRouteMax) {
