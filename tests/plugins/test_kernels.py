@@ -187,6 +187,14 @@ def test_moe_prefill_grouped_gemm(dtype, N, top_k):
     run_moe(dtype, N, top_k=top_k, seed=N, residual=True)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+# the grouped GEMM's row tiles follow the tokens per expert: ~64 (FC1 64-row tiles, FC2 128-row ones, top-1 with
+# FC2 writing the output, top-2 through finalize) and ~150 (128-row tiles, two per expert)
+@pytest.mark.parametrize("N, top_k, E", [(4096, 1, 64), (2048, 2, 64), (1200, 1, 8)])
+def test_moe_prefill_row_tiles(dtype, N, top_k, E):
+    run_moe(dtype, N, E, 256, 512, top_k, seed=N + E, residual=True)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_moe_small_odd_shapes_and_erf_gelu(dtype):
     run_moe(dtype, 13, E=8, h=64, f=256, top_k=2, activation="gelu", seed=3)
