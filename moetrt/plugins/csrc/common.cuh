@@ -65,9 +65,9 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // Activations, computed in fp32. kind: 0 = tanh-GeLU, 1 = erf-GeLU, 2 = none (bias add only).
 __device__ __forceinline__ float activate(float x, int kind) {
   if (kind == 2) return x;
-  if (kind == 0) {
+  if (kind == 0) {  // 0.5 x (1 + tanh u) = x sigmoid(2u): one exp and a fast divide instead of tanhf's ~20 instructions
     const float k0 = 0.7978845608028654f, k1 = 0.044715f;
-    return 0.5f * x * (1.f + tanhf(k0 * (x + k1 * x * x * x)));
+    return __fdividef(x, 1.f + __expf(-2.f * k0 * (x + k1 * x * x * x)));  // a huge divisor gives 0, the limit
   }
   return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
 }

@@ -620,33 +620,47 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
 #pragma unroll
     for (int i = 0; i < AR; ++i) dst[i] = FC1 && src[i] >= 0 ? src[i] % tokens : src[i];
   };
-  // the load cursor: item ld_j, k-tile ld_kt; the next item's rows are looked up when the cursor enters an item
-  int ld_j = 0, ld_kt = 0, ld_src[AR], nx_src[AR];
+  // the load cursor: item ld_j, k-tile ld_kt; the next item's rows are looked up when the cursor enters an item.
+  // Per item, each thread's source row pointers (k offset included); its shared-memory offsets never change.
+  int ld_j = 0, ld_kt = 0, ld_src[AR], nx_src[AR], a_off[AR], b_off[BR];
+  const T* a_ptr[AR];
+  const T* b_ptr = weight;
+  int b_rows = 0;  // of this thread's B rows, how many exist (the last column tile may be short)
+#pragma unroll
+  for (int i = 0; i < AR; ++i) a_off[i] = swizzled(row_lo + i * kRowStep, ch);
+#pragma unroll
+  for (int i = 0; i < BR; ++i) b_off[i] = swizzled(row_lo + i * kRowStep, ch);
   Tile ld{}, nx{};
-  if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); }
+  auto enter_item = [&]() {
+#pragma unroll
+    for (int i = 0; i < AR; ++i) a_ptr[i] = ld_src[i] >= 0 ? input + int64_t(ld_src[i]) * K + ch * 8 : nullptr;
+    b_ptr = weight + (int64_t(ld.e) * rows + ld.n0 + row_lo) * K + ch * 8;
+    b_rows = min(BR, (rows - ld.n0 - row_lo + kRowStep - 1) / kRowStep);
+  };
+  if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); enter_item(); }
   if (n_mine > 1) { nx = describe(1); source_rows(nx, nx_src); }
   auto load_next = [&](int stage) {  // one commit group per k-tile, empty once this block's items are all loaded
     if (ld_j < n_mine) {
-      const int k = ld_kt * kBK + ch * 8;
+      const int kofs = ld_kt * kBK;
+      const bool k_ok = kofs + ch * 8 < K;
       T* a = As + stage * BM * kBK;
       T* b = Bs + stage * kBN * kBK;
 #pragma unroll
       for (int i = 0; i < AR; ++i) {
-        const bool ok = ld_src[i] >= 0 && k < K;
-        cp_async16(a + swizzled(row_lo + i * kRowStep, ch), ok ? input + int64_t(ld_src[i]) * K + k : input, ok);
+        const bool ok = a_ptr[i] && k_ok;
+        cp_async16(a + a_off[i], ok ? a_ptr[i] + kofs : input, ok);
       }
-      const T* W = weight + (int64_t(ld.e) * rows + ld.n0) * K;
 #pragma unroll
       for (int i = 0; i < BR; ++i) {
-        const int r = row_lo + i * kRowStep;
-        const bool ok = ld.n0 + r < rows && k < K;
-        cp_async16(b + swizzled(r, ch), ok ? W + int64_t(r) * K + k : W, ok);
+        const bool ok = i < b_rows && k_ok;
+        cp_async16(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
       }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
         if (++ld_j < n_mine) {
           ld = nx;
           take_rows(ld_src, nx_src);
+          enter_item();
           if (ld_j + 1 < n_mine) { nx = describe(ld_j + 1); source_rows(nx, nx_src); }
         }
       }
