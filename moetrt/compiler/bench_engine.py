@@ -307,7 +307,12 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
                 tok = first
                 for s in range(steps):
                     tok = model(tok[:, None], kv_cache=cache, past_lengths=past + s)[:, -1].argmax(-1)
+                    if s == 0:
+                        eager_second = tok
                 torch.cuda.synchronize()
+                eager_second = eager_second.cpu().tolist()
+                row["torch_eager_second_token_agreement"] = float(np.mean(
+                    [a == t[1] for a, t in zip(eager_second, ours[B]["tokens"]) if len(t) > 1]))
                 row["torch_eager_ms_per_token"] = (time.perf_counter() - t) * 1e3 / steps
             g, gids, gpos, gout = fast.graph(B)  # capture first: its warm-up steps write the cache
             fast.prefill_from(cache)
@@ -317,6 +322,8 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
             second = gout.argmax(-1).cpu().tolist()
             row["torch_graph_second_token_agreement"] = float(np.mean(
                 [a == t[1] for a, t in zip(second, ours[B]["tokens"]) if len(t) > 1]))
+            if eager:
+                row["torch_graph_vs_eager_second_token"] = float(np.mean([a == b for a, b in zip(second, eager_second)]))
             row["torch_graph_ms_per_token"] = _events_ms(g.replay, 50)
         fl = step_bytes(cfg, itemsize, B, input_len, row["experts_hit"], tp)
         row["floor_ms_per_token"] = fl["total"] / bw * 1e3

@@ -165,9 +165,10 @@ def bias_act(x, bias, y, activation: str = "gelu_tanh", stream: int = 0, defer: 
                                  _activation(activation), DTYPE_CODES[a.dtype], stream,), "bias_act", defer)
 
 
-def attention_workspace_size(batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
+def attention_workspace_size(max_batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
+    """Bytes of the attention workspace for a KV cache of ``max_batch`` sequences; calls of any batch share it."""
     size = ctypes.c_size_t(0)
-    check(_fn("moetrt_attention_workspace_size")(batch, num_heads, head_dim, max_seq, ctypes.byref(size)),
+    check(_fn("moetrt_attention_workspace_size")(max_batch, num_heads, head_dim, max_seq, ctypes.byref(size)),
           "attention_workspace_size")
     return size.value
 
@@ -177,7 +178,7 @@ def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, strea
 
     ``qkv [B, T, 3h]`` (Megatron order), ``kv_cache [2, max_batch, H, max_seq, D]``, ``past_lengths [B]`` int32
     (each + T must fit in max_seq: the caller checks, the kernel trusts), ``out [B, T, h]``, ``workspace``: a
-    zero-filled uint8 device array of ``attention_workspace_size`` bytes, reused across calls."""
+    zero-filled uint8 device array of ``attention_workspace_size(max_batch, ...)`` bytes, reused across calls."""
     q, c = DeviceArray.of(qkv, "qkv"), DeviceArray.of(kv_cache, "kv_cache")
     if len(q.shape) != 3 or len(c.shape) != 5 or c.shape[0] != 2:
         raise KernelError(f"attention: expected qkv [B, T, 3h] and kv_cache [2, Bm, H, S, D], got {q.shape}, {c.shape}")
@@ -194,7 +195,7 @@ def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, strea
     o = DeviceArray.of(out, "out")
     _expect(o, "out", (B, T, H * D), (q.dtype,))
     ws = DeviceArray.of(workspace, "workspace")
-    need = attention_workspace_size(B, H, D, max_seq)
+    need = attention_workspace_size(max_batch, H, D, max_seq)
     nbytes = _nbytes(ws)
     if nbytes < need:
         raise KernelError(f"workspace: {nbytes} bytes, attention needs {need}")

@@ -91,7 +91,7 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
 
 # -- attention ---------------------------------------------------------------------------------------
 
-def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq):
+def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq, ws=None):
     dt = DTYPES[dtype]
     B = len(past)
     qkv = torch.randn(B, tokens, 3 * heads * head_dim, device="cuda").to(dt)
@@ -99,7 +99,9 @@ def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq):
     before = cpu(cache)
     past_t = torch.tensor(past, dtype=torch.int32, device="cuda")
     out = poisoned((B, tokens, heads * head_dim), dt)
-    ws = torch.zeros(launch.attention_workspace_size(B, heads, head_dim, max_seq), dtype=torch.uint8, device="cuda")
+    if ws is None:
+        ws = torch.zeros(launch.attention_workspace_size(max_batch, heads, head_dim, max_seq), dtype=torch.uint8,
+                         device="cuda")
     launch.attention(qkv, cache, past_t, out, heads, ws)
     torch.cuda.synchronize()
     ref_out, ref_cache = attention_reference(cpu(qkv), before, np.array(past), heads)
@@ -120,6 +122,18 @@ def test_attention_decode(dtype, past):
 def test_attention_decode_head_dims_and_repeat(dtype, head_dim):
     for _ in range(3):  # the workspace counters must reset themselves between calls
         run_attention(dtype, [17, 600], 1, heads=4, head_dim=head_dim, max_batch=2, max_seq=1024)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_attention_decode_batches_share_one_workspace(dtype):
+    """One workspace, as the runtime holds it, for decode calls of batch 1, then 8, then 3 over a cache of 8
+    sequences: a call's partial sums must never land on counters a call of another batch size reads. (They
+    once did: a batch-1 call's partials sat where a batch-8 call kept the counters of sequences 4-7, whose
+    outputs then combined garbage: the 350M engine's tokens after a batch-1 request went wrong from row 4 on.)"""
+    heads, D, max_batch, max_seq = 16, 64, 8, 1024
+    ws = torch.zeros(launch.attention_workspace_size(max_batch, heads, D, max_seq), dtype=torch.uint8, device="cuda")
+    for past in ([300], [130 + 37 * i for i in range(8)], [900, 5, 260], [300]):
+        run_attention(dtype, past, 1, heads, D, max_batch, max_seq, ws=ws)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -465,11 +465,15 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
 
 }  // namespace
 
-MOETRT_API int moetrt_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq, size_t* bytes) {
-  if (batch < 0 || num_heads <= 0 || head_dim <= 0 || max_seq <= 0 || !bytes) return MOETRT_ERR_BAD_SHAPE;
+// The layout depends on max_batch only (counters for every (b, h) of the cache, then the partials), never on a
+// call's batch: calls of different batch sizes share one workspace, and one call's partials must not land where
+// another expects its zeroed counters.
+MOETRT_API int moetrt_attention_workspace_size(int max_batch, int num_heads, int head_dim, int max_seq,
+                                               size_t* bytes) {
+  if (max_batch < 0 || num_heads <= 0 || head_dim <= 0 || max_seq <= 0 || !bytes) return MOETRT_ERR_BAD_SHAPE;
   const size_t splits = (max_seq + kChunk - 1) / kChunk;
-  const size_t counters = size_t(batch) * num_heads * sizeof(int32_t);
-  *bytes = ((counters + 255) / 256) * 256 + size_t(batch) * num_heads * splits * (head_dim + 2) * sizeof(float);
+  const size_t counters = size_t(max_batch) * num_heads * sizeof(int32_t);
+  *bytes = ((counters + 255) / 256) * 256 + size_t(max_batch) * num_heads * splits * (head_dim + 2) * sizeof(float);
   return 0;
 }
 
@@ -481,11 +485,11 @@ MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* 
     return MOETRT_ERR_BAD_SHAPE;
   if (batch == 0 || tokens == 0) return 0;
   size_t need = 0;
-  moetrt_attention_workspace_size(batch, num_heads, head_dim, max_seq, &need);
+  moetrt_attention_workspace_size(max_batch, num_heads, head_dim, max_seq, &need);
   if (workspace_bytes < need) return MOETRT_ERR_BAD_SHAPE;
   int32_t* counters = static_cast<int32_t*>(workspace);
   float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                            ((size_t(batch) * num_heads * sizeof(int32_t) + 255) / 256) * 256);
+                                            ((size_t(max_batch) * num_heads * sizeof(int32_t) + 255) / 256) * 256);
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     return launch_attention<T>(static_cast<const T*>(qkv), static_cast<T*>(kv_cache), past_lengths,
                                static_cast<T*>(out), batch, tokens, num_heads, head_dim, max_batch, max_seq,

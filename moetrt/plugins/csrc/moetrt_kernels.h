@@ -50,10 +50,11 @@ MOETRT_API int moetrt_bias_act(const void* x, const void* bias, void* y, int64_t
 // Causal attention of `tokens` new tokens per sequence over the KV cache, written in place (see attention.cu).
 // qkv [batch, tokens, 3 * heads * head_dim] (Megatron order), kv_cache [2, max_batch, heads, max_seq, head_dim],
 // past_lengths [batch] int32, out [batch, tokens, heads * head_dim]. The workspace (size from
-// moetrt_attention_workspace_size) must be zero-filled before its first use; calls leave it zeroed.
+// moetrt_attention_workspace_size for the cache's max_batch; calls of any batch share it) must be zero-filled
+// before its first use; calls leave it zeroed.
 // Decode (tokens == 1) reads past_lengths and the cached K/V below it before waiting for the preceding kernel
 // (programmatic launch): the kernel just before this call in the stream must not write them.
-MOETRT_API int moetrt_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq, size_t* bytes);
+MOETRT_API int moetrt_attention_workspace_size(int max_batch, int num_heads, int head_dim, int max_seq, size_t* bytes);
 MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* past_lengths, void* out, int batch,
                                 int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
