@@ -244,7 +244,7 @@ def test_bench_engine_reports_ratios_against_torch_and_the_floor(engine16, tmp_p
                          plot=tmp_path / "b.png", progress=lambda *a: None)
     assert json.loads((tmp_path / "b.json").read_text())["batches"][1]["batch"] == 2
     for row in r["batches"]:
-        assert row["first_token_agrees"]
+        assert row["first_token_agrees"] and row["torch_eager_second_token_agreement"] == 1.0
         assert row["decode_graph_ms"] > 0 and row["ratio_to_floor"] > 1 and row["prefill_ratio_to_floor"] > 1
         assert row["torch_graph_ms_per_token"] > 0 and row["torch_eager_ms_per_token"] > 0
         assert r["logits_argmax_agreement"] >= 0.9

@@ -4,7 +4,7 @@
 // DeepSpeed's order for capacity: an expert keeps its first `capacity` assignments in that order.
 // Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
 //  - few assignments (decode): a persistent GEMV over (active expert, 4-row chunk) work items that reads
-//    each hit expert's weights once with 16-byte loads and applies them to up to 8 of its tokens at a time;
+//    each hit expert's weights once with 16-byte loads and applies them to up to 4 of its tokens at a time;
 //  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
 #include <type_traits>
@@ -187,7 +187,8 @@ __global__ void __launch_bounds__(kGateThreads) gate_logits_tiled_kernel(const T
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int t = t0 + 2 * ty + i, e = e0 + tx + 16 * j;
-      if (t < tokens && e < experts) logits[int64_t(t) * experts + e] = acc[i][j] + partial[(i * 4 + j) * kGateGroup + tid];
+      if (t < tokens && e < experts)
+        logits[int64_t(t) * experts + e] = acc[i][j] + partial[(i * 4 + j) * kGateGroup + tid];
     }
 }
 
@@ -524,25 +525,28 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
                : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                : "r"(s));
 }
-// Operand tiles are [rows][kBK] of 16-bit elements with the 16-byte chunks of a row permuted by an XOR with the
-// row's low bits (r % 8 for 128-byte rows, (r / 2) % 4 for 64-byte ones): cp.async writing rows and ldmatrix
-// reading one chunk of 8 consecutive rows then both touch all 32 banks once.
+// Operand tiles are [rows][kBK] of 16-bit elements, 128 bytes a row, with the 16-byte chunk c of row r stored at
+// chunk c ^ (r % 8): cp.async writing rows and ldmatrix reading one chunk of 8 consecutive rows then both touch
+// all 32 banks once. (32-wide k-tiles, 64-byte rows, measured slower: docs/performance.md.)
 __device__ __forceinline__ int swizzled(int r, int chunk) {
-  static_assert(kBK == 64 || kBK == 32, "swizzle for 128- or 64-byte rows");
-  return r * kBK + ((chunk ^ (kBK == 64 ? r & 7 : (r >> 1) & 3)) << 3);
+  static_assert(kBK == 64, "the swizzle is for 128-byte rows");
+  return r * kBK + ((chunk ^ (r & 7)) << 3);
 }
 template <int BM> __host__ __device__ constexpr int gemm_stages() { return BM >= 128 ? 3 : 4; }
 // Warps over the rows of a tile (4 more over its 128 columns each): more warps hide more latency, fewer rows a
 // warp means more fragment loads per MMA.
 template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
 template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
-template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() { return gemm_stages<BM>() * (BM + kBN) * kBK * 2; }
+template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() {
+  return gemm_stages<BM>() * (BM + kBN) * kBK * 2;
+}
 
 // A block computes BM x kBN output tiles of one expert (BM = 32, 64, 128 follows the tokens per expert, so that
-// short experts do not pay for a 128-row tile); its warps form a WM x 4 grid, each over BM/WM rows and 32 columns. A block takes work items (expert, row tile, column tile) in a
-// grid-stride loop as one stream of k-tiles: the cp.async pipeline runs on into the next item while this one's
-// last k-tiles and epilogue compute, so no item starts on an empty pipeline. Each thread copies the same chunk
-// column of rows tid/8 + 16i of every tile, and so holds its own rows' token indices (looked up one item ahead).
+// short experts do not pay for a 128-row tile); its warps form a WM x 4 grid, each over BM/WM rows and 32
+// columns. A block takes work items (expert, row tile, column tile) in a grid-stride loop as one stream of
+// k-tiles: the cp.async pipeline runs on into the next item while this one's last k-tiles and epilogue compute,
+// so no item starts on an empty pipeline. Each thread copies the same 16-byte chunk column of rows
+// tid / 8 + i * (threads / 8) of every tile, and so holds its own rows' token indices (looked up one item ahead).
 // kOut (FC2 of top-1): the finalize fused in, as in the GEMV regime: out[t] = residual[t] + prob[t] * row, and
 // (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
 template <typename T, bool FC1, int BM, bool kOut>
@@ -832,9 +836,9 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kGemvMaxAssignments;
   if (tokens > kGemvMaxAssignments) {  // prefill: the gate is a small GEMM
-    launch_if(false, gate_logits_tiled_kernel<T>,
-              dim3((experts + kGateTileExp - 1) / kGateTileExp, (tokens + kGateTileTok - 1) / kGateTileTok), kGateThreads, 0,
-              stream, hidden, gate_weight, w.logits, tokens, h, experts);
+    const dim3 grid((experts + kGateTileExp - 1) / kGateTileExp, (tokens + kGateTileTok - 1) / kGateTileTok);
+    launch_if(false, gate_logits_tiled_kernel<T>, grid, kGateThreads, 0, stream, hidden, gate_weight, w.logits, tokens,
+              h, experts);
   } else {
     const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
     const int epw = tokens <= kGateTok ? 1 : 4;  // 1-8 tokens: spread the gate over many SMs; more: reuse x tiles
