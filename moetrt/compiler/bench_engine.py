@@ -183,7 +183,7 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
         checkpoint: str | Path | None = None, output: str | Path | None = None, plot: str | Path | None = None,
         eager: bool = True, progress=print, prefill_len: int = 512) -> dict:
     torch = cuda_torch("bench")
-    from moetrt.engines.cuda import mem_get_info
+    from moetrt.engines.cuda import ITEMSIZE, mem_get_info
     from moetrt.engines.format import EngineManifest
     from moetrt.engines.runtime import Runtime
     from moetrt.models import load
@@ -200,7 +200,7 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     if not checkpoint.exists():
         raise MoetrtError(f"{checkpoint}: the engine's checkpoint is missing (the PyTorch baselines need its "
                           "weights); pass --checkpoint")
-    itemsize = 2 if manifest.dtype in ("fp16", "bf16") else 4
+    itemsize = ITEMSIZE[manifest.dtype]
     device = torch.cuda.get_device_name()
     progress(f"device: {device}; measuring copy bandwidth")
     bw = copy_bandwidth()

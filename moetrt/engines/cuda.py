@@ -209,3 +209,19 @@ class Event:
         if self.handle is not None:
             runtime_api().cudaEventDestroy(self.handle)
             self.handle = None
+
+
+def elapsed_ms(stream: Stream, fn, calls: int) -> float:
+    """GPU milliseconds of ``calls`` back-to-back calls of ``fn()`` enqueueing work on ``stream``, between two
+    events, after one untimed call."""
+    start, stop = Event(), Event()
+    try:
+        fn()
+        start.record(stream)
+        for _ in range(calls):
+            fn()
+        stop.record(stream)
+        return stop.elapsed_ms(start)
+    finally:
+        start.destroy()
+        stop.destroy()

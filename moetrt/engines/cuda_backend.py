@@ -412,19 +412,13 @@ class CudaEngine:
         self.plans[key] = plan
         return plan
 
-    def time_all_reduces(self, B: int, start, stop, reps: int = 20) -> float:
+    def time_all_reduces(self, B: int, reps: int = 20) -> float:
         """Milliseconds of one decode step's all-reduces alone (each on a [B, hidden] buffer); 0 without any."""
         n = sum(1 for op in self.program.ops if op.kind == "all_reduce" and op.attrs.get("tp_size", 1) > 1)
         if not n or self.comm is None:
             return 0.0
         view = self.head_rows.view((B, self.hidden), self.dtype)
-        call = self.comm.all_reduce_launch(view, self.stream.ptr)
-        call()
-        start.record(self.stream)
-        for _ in range(reps * n):
-            call()
-        stop.record(self.stream)
-        return stop.elapsed_ms(start) / reps
+        return cuda.elapsed_ms(self.stream, self.comm.all_reduce_launch(view, self.stream.ptr), reps * n) / reps
 
     def drop_plan(self, key: tuple) -> None:
         plan = self.plans.pop(key, None)

@@ -275,7 +275,6 @@ class CudaRuntime(Closing):
         """Timings for ``bench``: prefill of the prompts, per-token decode as ``generate`` delivers it (timed
         between the first and last streamed token), GPU time of one decode-graph replay, and the time of one
         step's all-reduces alone (tensor-parallel engines)."""
-        from moetrt.engines.cuda import Event
         import time
         self._check_open()
         padded = np.asarray(prompts, np.int32)
@@ -293,18 +292,8 @@ class CudaRuntime(Closing):
         out = self.generate(prompts, output_len, callback=lambda step, tokens: stamps.append(time.perf_counter()))
         token_ms = (stamps[-1] - stamps[0]) * 1e3 / max(1, len(stamps) - 1)
         graph = self.graphs[next(b for b in sorted(self.graphs) if b >= len(prompts))]
-        start, stop = Event(), Event()
-        try:
-            graph.launch()
-            start.record(self.engine.stream)
-            for _ in range(50):
-                graph.launch()
-            stop.record(self.engine.stream)
-            graph_ms = stop.elapsed_ms(start) / 50
-            allreduce_ms = self.engine.time_all_reduces(len(prompts), start, stop)
-        finally:
-            start.destroy()
-            stop.destroy()
+        graph_ms = cuda.elapsed_ms(self.engine.stream, graph.launch, 50) / 50
+        allreduce_ms = self.engine.time_all_reduces(len(prompts))
         return {"prefill_ms": prefill_ms, "decode_ms_per_token": token_ms, "decode_graph_ms": graph_ms,
                 "allreduce_ms_per_step": allreduce_ms, "tokens": out}
 

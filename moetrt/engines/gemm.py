@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moetrt.engines.cuda import CudaError, Event, Stream
+from moetrt.engines.cuda import CudaError, Stream, elapsed_ms
 
 COMPUTE_32F = 68                     # cublasComputeType_t CUBLAS_COMPUTE_32F
 CUDA_TYPES = {"fp32": 0, "fp16": 2, "bf16": 14}  # cudaDataType_t
@@ -47,17 +47,9 @@ def time_us(stream: Stream, fn, iterations: int = 20) -> float:
     fn()
     stream.synchronize()
     graph = Graph(stream, lambda: [fn() for _ in range(iterations)])
-    start, stop = Event(), Event()
     try:
-        graph.launch()
-        start.record(stream)
-        for _ in range(3):
-            graph.launch()
-        stop.record(stream)
-        return stop.elapsed_ms(start) * 1000 / (3 * iterations)
+        return elapsed_ms(stream, graph.launch, 3) * 1000 / (3 * iterations)
     finally:
-        start.destroy()
-        stop.destroy()
         graph.destroy()
 
 
