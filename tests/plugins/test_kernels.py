@@ -176,7 +176,8 @@ def run_moe(dtype, N, E=64, h=1024, f=4096, top_k=1, capacity=0.0, min_capacity=
     res = torch.randn(N, h, device="cuda").to(dt) if residual else None
     out = poisoned((N, h), dt)
     ws = torch.empty(launch.moe_workspace_size(N, h, f, E, top_k, dtype), dtype=torch.uint8, device="cuda")
-    ws.fill_(0xFF)  # no reliance on a zeroed workspace
+    ws.fill_(0xFF)  # no reliance on a zeroed workspace beyond the barrier word, which the contract requires zeroed
+    ws[:256] = 0
     launch.moe(x, wg, w1, b1, w2, b2, out, ws, top_k, activation, capacity, min_capacity, residual=res)
     torch.cuda.synchronize()
     ref = moe_reference(cpu(x), cpu(wg), cpu(w1), cpu(b1), cpu(w2), cpu(b2), top_k, activation, capacity,
@@ -212,6 +213,7 @@ def test_moe_prefill_row_tiles(dtype, N, top_k, E):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_moe_small_odd_shapes_and_erf_gelu(dtype):
     run_moe(dtype, 13, E=8, h=64, f=256, top_k=2, activation="gelu", seed=3)
+    run_moe(dtype, 5, E=8, h=40, f=96, top_k=2, activation="gelu", seed=5)  # the one-kernel decode path
     if dtype != "fp32":
         run_moe(dtype, 200, E=8, h=64, f=256, top_k=1, seed=4)
 
@@ -230,7 +232,9 @@ def test_moe_every_token_on_one_expert(dtype, N):
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 # factors with capacity x experts < tokens x top_k, so that assignments are dropped whatever the routing
-@pytest.mark.parametrize("N, top_k, factor", [(64, 1, 0.75), (64, 2, 0.5), (512, 1, 0.75), (512, 2, 0.9)])
+# (16 and 8 tokens: the one-kernel decode path; 24: fp16's grouped GEMM with top-k fused into the routing kernel)
+@pytest.mark.parametrize("N, top_k, factor", [(16, 1, 0.5), (8, 2, 0.5), (24, 1, 0.5), (64, 1, 0.75), (64, 2, 0.5),
+                                              (512, 1, 0.75), (512, 2, 0.9)])
 def test_moe_capacity_dropping(dtype, N, top_k, factor):
     E, h, f = 8, 128, 256
     dt = DTYPES[dtype]
@@ -242,6 +246,23 @@ def test_moe_capacity_dropping(dtype, N, top_k, factor):
     capacity = launch.moe_capacity(N, E, top_k, factor, 1)
     assert 1 <= capacity and capacity * E < N * top_k and (w == 0).any()
     run_moe(dtype, N, E, h, f, top_k, factor, 1, weights=weights, hidden=x)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_moe_calls_of_any_size_share_one_workspace(dtype):
+    """Calls of 16, 1, 5, 16 and 40 tokens (the one-kernel decode path, whose grid barrier lives in the workspace,
+    and the grouped GEMM) on one workspace sized for the largest, zero-filled once, each against the reference."""
+    E, h, f = 16, 256, 512
+    dt = DTYPES[dtype]
+    weights = moe_weights(E, h, f, dt, 11)
+    ws = torch.zeros(launch.moe_workspace_size(40, h, f, E, 1, dtype), dtype=torch.uint8, device="cuda")
+    for N in (16, 1, 5, 16, 40):
+        x = separated_hidden(N, h, weights[0], 1, dt)
+        out = poisoned((N, h), dt)
+        launch.moe(x, *weights, out, ws)
+        torch.cuda.synchronize()
+        ref = moe_reference(*(cpu(a) for a in (x, *weights)), 1, "gelu_tanh", 0.0, 4)
+        assert rel_err(out, ref) < BOUND[dtype], N
 
 
 # -- programmatic dependent launch -------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""A/B of kernel-library builds on the MoE layer at decode sizes (on the GPU machine).
+
+    python3 tools/moe_ab.py LIB [LIB ...]
+
+Per library (each in its own process, MOETRT_KERNELS_LIB): the 64-expert h1024 f4096 fp16 layer at 1, 8 and 16
+tokens, timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight sets), with and
+without programmatic launch; for a build with -DMOETRT_MOE_PHASE_TIMING also the one-kernel path's phase stamps
+(median over single calls, microseconds after the first block starts: earliest / latest block)."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+PHASES = ["start", "waited", "gate done", "barrier 1", "routed", "FC1 done", "barrier 2", "FC2 done"]
+
+
+def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
+    import torch
+    from moetrt.plugins import launch
+    from moetrt.plugins.bench import ROTATE, time_ms, time_ms_without_pdl
+    dt = torch.float16
+    layers = []
+    for i in range(ROTATE):
+        g = torch.Generator(device="cuda").manual_seed(i)
+        layers.append((torch.randn(E, h, device="cuda", generator=g) / h ** 0.5,
+                       (torch.randn(E, f, h, device="cuda", generator=g) / h ** 0.5).to(dt),
+                       (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt),
+                       (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt),
+                       (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)))
+    res = {}
+    for N in tokens:
+        xs = [torch.randn(N, h, device="cuda").to(dt) for _ in range(ROTATE)]
+        out = torch.empty(N, h, device="cuda", dtype=dt)
+        ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")
+        call = lambda i: launch.moe(xs[i], *layers[i], out, ws, stream=torch.cuda.current_stream().cuda_stream)  # noqa
+        r = {"us": 1e3 * time_ms(call), "us_no_pdl": 1e3 * time_ms_without_pdl(call)}
+        stamps = ws[8:8 + 16 * 8].view(torch.int64)
+        runs = []
+        for rep in range(24):
+            stamps[0::2] = -1
+            stamps[1::2] = 0
+            call(rep % ROTATE)
+            torch.cuda.synchronize()
+            s = stamps.cpu().tolist()
+            if s[1] == 0:
+                break  # no phase timing in this build
+            t0 = s[0]
+            runs.append([((s[2 * i] - t0) / 1e3, (s[2 * i + 1] - t0) / 1e3) for i in range(len(PHASES))])
+        if runs:
+            r["phases"] = {name: [round(statistics.median(run[i][k] for run in runs[4:]), 2) for k in (0, 1)]
+                           for i, name in enumerate(PHASES)}
+        res[N] = r
+    print("RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child()
+        sys.exit(0)
+    for lib in sys.argv[1:]:
+        env = dict(os.environ, MOETRT_KERNELS_LIB=os.path.abspath(lib))
+        p = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            print(lib, "FAILED", p.stderr[-2000:])
+            continue
+        for N, r in json.loads(line[0][7:]).items():
+            print(f"{os.path.basename(lib):28s} N={N:>3} {r['us']:7.1f} us  (no PDL {r['us_no_pdl']:7.1f})")
+            for name, (lo, hi) in r.get("phases", {}).items():
+                print(f"    {name:10s} {lo:7.2f} {hi:7.2f}")
