@@ -148,7 +148,6 @@ class CudaEngine:
                 E, f, h = p.initializers[op.inputs[2]].shape
                 moe_ws = max(moe_ws, launch.moe_workspace_size(self.max_tokens, h, f, E, op.attrs["top_k"], self.dtype))
         self.moe_ws = self._alloc(moe_ws, "MoE workspace")
-        self.stream.memset(self.moe_ws.ptr, 0, self.moe_ws.nbytes)
         self.gemm_ws = self._alloc(WORKSPACE_BYTES, "cuBLASLt workspace")
         self.gemm_ctx = GemmContext(self.gemm_ws.ptr, self.device.name, p.base_dir / TUNING_FILE)
         self._plan_buffers()

@@ -217,9 +217,7 @@ def moe_workspace_size(tokens: int, hidden: int, ffn: int, experts: int, top_k: 
 def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k: int = 1,
         activation: str = "gelu_tanh", capacity_factor: float = 0.0, min_capacity: int = 4, residual=None,
         stream: int = 0, defer: bool = False):
-    """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``. ``workspace``: a
-    uint8 device array of at least ``moe_workspace_size(N, ...)`` bytes, zero-filled before its first use and
-    reusable by later calls of any size up to its own."""
+    """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``."""
     x = DeviceArray.of(hidden, "hidden")
     if len(x.shape) != 2:
         raise KernelError(f"hidden: expected [tokens, hidden], got {x.shape}")

@@ -176,8 +176,7 @@ def run_moe(dtype, N, E=64, h=1024, f=4096, top_k=1, capacity=0.0, min_capacity=
     res = torch.randn(N, h, device="cuda").to(dt) if residual else None
     out = poisoned((N, h), dt)
     ws = torch.empty(launch.moe_workspace_size(N, h, f, E, top_k, dtype), dtype=torch.uint8, device="cuda")
-    ws.fill_(0xFF)  # no reliance on a zeroed workspace beyond the barrier word, which the contract requires zeroed
-    ws[:256] = 0
+    ws.fill_(0xFF)  # no reliance on a zeroed workspace
     launch.moe(x, wg, w1, b1, w2, b2, out, ws, top_k, activation, capacity, min_capacity, residual=res)
     torch.cuda.synchronize()
     ref = moe_reference(cpu(x), cpu(wg), cpu(w1), cpu(b1), cpu(w2), cpu(b2), top_k, activation, capacity,
@@ -213,7 +212,7 @@ def test_moe_prefill_row_tiles(dtype, N, top_k, E):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_moe_small_odd_shapes_and_erf_gelu(dtype):
     run_moe(dtype, 13, E=8, h=64, f=256, top_k=2, activation="gelu", seed=3)
-    run_moe(dtype, 5, E=8, h=40, f=96, top_k=2, activation="gelu", seed=5)  # the one-kernel decode path
+    run_moe(dtype, 5, E=8, h=40, f=96, top_k=2, activation="gelu", seed=5)
     if dtype != "fp32":
         run_moe(dtype, 200, E=8, h=64, f=256, top_k=1, seed=4)
 
@@ -232,7 +231,7 @@ def test_moe_every_token_on_one_expert(dtype, N):
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 # factors with capacity x experts < tokens x top_k, so that assignments are dropped whatever the routing
-# (16 and 8 tokens: the one-kernel decode path; 24: fp16's grouped GEMM with top-k fused into the routing kernel)
+# (16 and 8 tokens: the GEMV regime; 24: fp16's grouped GEMM, its top-k fused into the routing kernel)
 @pytest.mark.parametrize("N, top_k, factor", [(16, 1, 0.5), (8, 2, 0.5), (24, 1, 0.5), (64, 1, 0.75), (64, 2, 0.5),
                                               (512, 1, 0.75), (512, 2, 0.9)])
 def test_moe_capacity_dropping(dtype, N, top_k, factor):
@@ -250,12 +249,12 @@ def test_moe_capacity_dropping(dtype, N, top_k, factor):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_moe_calls_of_any_size_share_one_workspace(dtype):
-    """Calls of 16, 1, 5, 16 and 40 tokens (the one-kernel decode path, whose grid barrier lives in the workspace,
-    and the grouped GEMM) on one workspace sized for the largest, zero-filled once, each against the reference."""
+    """Calls of 16, 1, 5, 16 and 40 tokens (the GEMV regime and the grouped GEMM, whose workspace layouts follow
+    the call's tokens) on one workspace sized for the largest, each against the reference."""
     E, h, f = 16, 256, 512
     dt = DTYPES[dtype]
     weights = moe_weights(E, h, f, dt, 11)
-    ws = torch.zeros(launch.moe_workspace_size(40, h, f, E, 1, dtype), dtype=torch.uint8, device="cuda")
+    ws = torch.full((launch.moe_workspace_size(40, h, f, E, 1, dtype),), 0xFF, dtype=torch.uint8, device="cuda")
     for N in (16, 1, 5, 16, 40):
         x = separated_hidden(N, h, weights[0], 1, dt)
         out = poisoned((N, h), dt)

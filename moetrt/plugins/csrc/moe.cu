@@ -2,12 +2,11 @@
 //
 // Assignments are numbered a = slot * N + token (all first choices, then all second choices), which is
 // DeepSpeed's order for capacity: an expert keeps its first `capacity` assignments in that order.
-// Regimes, chosen on the host from N * top_k (known without a sync):
-//  - few assignments (decode, <= kGemvMaxAssignments): the whole layer in one kernel (moe_decode_kernel) whose
-//    expert phases are a persistent GEMV over (active expert, group of rows) work items that reads each hit
-//    expert's weights once with 16-byte loads and applies them to up to 4 of its tokens at a time;
-//  - many (prefill, fp16/bf16): gate, routing, and a tensor-core (mma.sync) grouped GEMM over (expert, row tile,
-//    128-column tile); fp32 runs the GEMV phases as separate kernels instead.
+// Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
+//  - few assignments (decode, <= kGemvMaxAssignments; fp32 always): a persistent GEMV over (active expert, 4-row
+//    chunk) work items that reads each hit expert's weights once with 16-byte loads and applies them to up to 4
+//    of its tokens at a time;
+//  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
 #include <type_traits>
 
@@ -22,14 +21,11 @@ constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
 constexpr int kBN = 128, kBK = 64;
-// Up to this many assignments the layer is one kernel (moe_decode_kernel); above it fp16/bf16 use the grouped GEMM
-// (measured on an H100, 64 experts, h 1024, f 4096: 32 tokens 194 us in the GEMM, 223-230 in the GEMV kernels;
-// 8 tokens 113 in the GEMM, 73 in the one kernel, 78 in the separate GEMV kernels), and fp32 the separate GEMV
-// kernels.
+// Above this many assignments fp16/bf16 use the grouped GEMM (measured on an H100, 64 experts, h 1024, f 4096:
+// 32 tokens 194-201 us in the GEMM, 223-230 in the GEMV; 8 tokens 113 in the GEMM, 76 in the GEMV).
 constexpr int kGemvMaxAssignments = 16;
 
 struct Workspace {
-  unsigned* barrier;  // moe_decode_kernel's grid barrier; first, so that its place never depends on the call
   float* logits;  // [N, experts]
   int32_t *expert_of, *loc, *pos_of, *perm, *counts, *offsets, *active;
   float *prob, *y;
@@ -44,7 +40,6 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
   size_t off = 0;
   auto take = [&](size_t bytes) { char* p = base ? base + off : nullptr; off += align256(bytes); return p; };
   Workspace ws;
-  ws.barrier = reinterpret_cast<unsigned*>(take(sizeof(unsigned)));
   ws.logits = reinterpret_cast<float*>(take(size_t(tokens) * experts * 4));
   ws.expert_of = reinterpret_cast<int32_t*>(take(A * 4));
   ws.prob = reinterpret_cast<float*>(take(A * 4));
@@ -201,9 +196,9 @@ __global__ void __launch_bounds__(kGateThreads) gate_logits_tiled_kernel(const T
 }
 
 // ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
-// l: the token's logits; choice k goes to expert[k * stride], prob[k * stride].
-__device__ void warp_topk(const float* l, int experts, int top_k, int32_t* expert, float* prob, int stride) {
+__device__ void warp_topk(const Workspace& w, int t, int tokens, int experts, int top_k) {
   const int lane = threadIdx.x & 31;
+  const float* l = w.logits + int64_t(t) * experts;
   float m = -INFINITY;
   for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
   m = warp_max(m);
@@ -223,21 +218,17 @@ __device__ void warp_topk(const float* l, int experts, int top_k, int32_t* exper
       if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
     }
     if (lane == 0) {
-      expert[k * stride] = arg;
-      prob[k * stride] = expf(best - m) / sum;
+      w.expert_of[k * tokens + t] = arg;
+      w.prob[k * tokens + t] = expf(best - m) / sum;
     }
     first = arg;
   }
 }
 
-__device__ __forceinline__ void warp_topk_token(const Workspace& w, int t, int tokens, int experts, int top_k) {
-  warp_topk(w.logits + int64_t(t) * experts, experts, top_k, w.expert_of + t, w.prob + t, tokens);
-}
-
 __global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
   enter_after_predecessor();
   const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (t < tokens) warp_topk_token(w, t, tokens, experts, top_k);
+  if (t < tokens) warp_topk(w, t, tokens, experts, top_k);
 }
 
 // ---- routing (one block): stable per-expert locations, capacity, offsets, the compact list of active experts,
@@ -253,7 +244,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
   const int assignments = tokens * top_k;
   enter_after_predecessor();
   if (fused_topk)
-    for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk_token(w, t, tokens, experts, top_k);
+    for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
   __syncthreads();
   for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
@@ -312,30 +303,21 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
 // Same results as route_kernel (stable order a = slot * N + token, capacity), less loc, which only
 // the grouped GEMM reads.
 constexpr int kSmallRouteMax = 64;
-
-// What the GEMV regime reads of the routing: the active experts (active[0] of them, ascending, from active[1]),
-// each expert's kept count and first position, the permutation (position -> assignment), each assignment's
-// position (-1: dropped by the capacity) and gate probability. In the workspace, or in shared memory
-// (moe_decode_kernel, where every block routes for itself).
-struct Route {
-  int32_t *active, *counts, *offsets, *perm, *pos_of;
-  float* prob;
-};
-inline __host__ __device__ Route route_of(const Workspace& w) {
-  return {w.active, w.counts, w.offsets, w.perm, w.pos_of, w.prob};
-}
-
-// One warp (all 32 lanes): the routing of A <= kSmallRouteMax assignments with experts expert_of[a], stable in a.
-// count_s: kMaxExperts ints of scratch, in shared memory.
-__device__ void warp_route(const int32_t* expert_of, int A, int experts, int capacity, int32_t* count_s, Route r) {
-  const int lane = threadIdx.x & 31;
-  for (int e = lane; e < experts; e += 32) count_s[e] = 0;
-  __syncwarp();
+__global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
+                                                            int capacity) {
+  __shared__ int32_t count_s[kMaxExperts];  // per-expert assignment counts, then the experts' first positions
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  enter_after_predecessor();
+  for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) count_s[e] = 0;
+  __syncthreads();  // this block's expert_of / prob writes are visible
+  if (warp != 0) return;
+  const int A = tokens * top_k;
   int e_of[2], loc[2];
 #pragma unroll
   for (int c = 0; c < 2; ++c) {  // assignment c * 32 + lane; chunk 0 counts before chunk 1
     const int a = c * 32 + lane;
-    const int e = a < A ? expert_of[a] : -1;
+    const int e = a < A ? w.expert_of[a] : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     const int rank = __popc(peers & ((1u << lane) - 1u));
     const int before = e >= 0 ? count_s[e] : 0;
@@ -361,21 +343,20 @@ __device__ void warp_route(const int32_t* expert_of, int A, int experts, int cap
     if (lane >= o) { sum_incl += s1; act_incl += a1; }
   }
   int off = sum_incl - sum, idx = act_incl - n_act;
-  __syncwarp();  // every lane has read its counts before they become offsets
 #pragma unroll
   for (int i = 0; i < kMaxExperts / 32; ++i) {
     const int e = lane * per_lane + i;
     if (i < per_lane && e < experts) {
-      r.counts[e] = kept[i];
-      r.offsets[e] = off;
+      w.counts[e] = kept[i];
+      w.offsets[e] = off;
       count_s[e] = off;
-      if (kept[i] > 0) r.active[1 + idx++] = e;
+      if (kept[i] > 0) w.active[1 + idx++] = e;
       off += kept[i];
     }
   }
   if (lane == 31) {
-    r.offsets[experts] = sum_incl;
-    r.active[0] = act_incl;
+    w.offsets[experts] = sum_incl;
+    w.active[0] = act_incl;
   }
   __syncwarp();
 #pragma unroll
@@ -384,38 +365,24 @@ __device__ void warp_route(const int32_t* expert_of, int A, int experts, int cap
     if (a >= A) continue;
     if (capacity <= 0 || loc[c] < capacity) {
       const int p = count_s[e_of[c]] + loc[c];
-      r.perm[p] = a;
-      r.pos_of[a] = p;
+      w.perm[p] = a;
+      w.pos_of[a] = p;
     } else {
-      r.pos_of[a] = -1;
+      w.pos_of[a] = -1;
     }
   }
-}
-
-// ---- routing at decode sizes (at most 64 assignments, the GEMV regime): one warp per token does softmax + top-k,
-// then warp 0 alone builds what the GEMV regime reads (counts, offsets, active experts, perm, pos_of) with
-// match/scan steps of a few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds.
-// Same results as route_kernel (stable order a = slot * N + token, capacity), less loc, which only
-// the grouped GEMM reads.
-__global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
-                                                            int capacity) {
-  __shared__ int32_t count_s[kMaxExperts];
-  enter_after_predecessor();
-  for (int t = threadIdx.x >> 5; t < tokens; t += blockDim.x >> 5) warp_topk_token(w, t, tokens, experts, top_k);
-  __syncthreads();  // this block's expert_of / prob writes are visible
-  if (threadIdx.x < 32) warp_route(w.expert_of, tokens * top_k, experts, capacity, count_s, route_of(w));
 }
 
 // Top-1 with capacity, FC2 writing the output: the tokens the capacity dropped (assignment t is token t) pass the
 // residual (or zeros) through; grid-stride over the whole grid.
 template <typename T>
-__device__ void pass_dropped(const int32_t* pos_of, const T* __restrict__ residual, T* __restrict__ out, int tokens,
+__device__ void pass_dropped(const Workspace& w, const T* __restrict__ residual, T* __restrict__ out, int tokens,
                              int rows) {
   constexpr int VN = Vec<T>::N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < int64_t(tokens) * (rows / VN);
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / (rows / VN), c = (i % (rows / VN)) * VN;
-    if (pos_of[t] >= 0) continue;
+    if (w.pos_of[t] >= 0) continue;
     Vec<T> o;
     if (residual) o.load(residual + t * rows + c);
     else o.raw = make_uint4(0, 0, 0, 0);
@@ -430,21 +397,21 @@ __device__ void pass_dropped(const int32_t* pos_of, const T* __restrict__ residu
 // Each lane issues 16 sixteen-byte weight loads (RG rows x CV vectors) before using any, the first ones as soon as
 // the expert is known (before its token list is read); the weights are read once per expert, the token vectors
 // (at most kGemvTok at a time) come from L1/L2.
-// coherent: the input was written earlier in the same kernel (moe_decode_kernel) and is read around L1.
 template <typename T, bool FC1, int RG, bool kOut>
-__device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T* __restrict__ weight,
-                           const T* __restrict__ bias, const Workspace& w, const T* __restrict__ residual,
-                           T* __restrict__ out, int tokens, int rows, int K, int act_kind, bool coherent = false) {
+__global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
+    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
+    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kGemvTok;
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
+  enter_after_predecessor();
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const int KV = K / VN, vpl = (KV + 31) / 32;
   const int groups = (rows + RG - 1) / RG;
-  const int total = rt.active[0] * groups;
-  // warp-major: with fewer items than warps, every block (and so every SM) still gets its share
-  for (int item = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; item < total; item += warps) {
-    const int e = rt.active[1 + item / groups], row0 = (item % groups) * RG;
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  const int total = w.active[0] * groups;
+  for (int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); item < total; item += warps) {
+    const int e = w.active[1 + item / groups], row0 = (item % groups) * RG;
     const T* W = weight + (int64_t(e) * rows + row0) * K;
     Vec<T> wv[RG][CV];
     auto load_weights = [&](int c0) {
@@ -457,7 +424,7 @@ __device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T
         }
     };
     load_weights(0);
-    const int count = rt.counts[e], off = rt.offsets[e];
+    const int count = w.counts[e], off = w.offsets[e];
     for (int t0 = 0; t0 < count; t0 += TOK) {
       const int nt = min(TOK, count - t0);
       const T* src[TOK];
@@ -466,7 +433,7 @@ __device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T
 #pragma unroll
       for (int j = 0; j < TOK; ++j) {
         const int p = off + t0 + min(j, nt - 1);
-        if (FC1 || kOut) tok[j] = rt.perm[p] % tokens;
+        if (FC1 || kOut) tok[j] = w.perm[p] % tokens;
         src[j] = input + int64_t(FC1 ? tok[j] : p) * K;
 #pragma unroll
         for (int r = 0; r < RG; ++r) acc[r][j] = 0.f;
@@ -481,8 +448,7 @@ __device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T
             const int v = (c0 + u) * 32 + lane;
             if (v >= KV) continue;
             Vec<T> xv;
-            if (coherent) xv.load_cg(src[j] + v * VN);
-            else xv.load(src[j] + v * VN);
+            xv.load(src[j] + v * VN);
 #pragma unroll
             for (int r = 0; r < RG; ++r)
 #pragma unroll
@@ -502,7 +468,7 @@ __device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T
                 static_cast<T*>(w.act)[p * rows + row0 + r] = from_float<T>(activate(s, act_kind));
               } else if (kOut) {
                 const int64_t o = int64_t(tok[j]) * rows + row0 + r;
-                const float v = rt.prob[tok[j]] * s;
+                const float v = w.prob[tok[j]] * s;
                 out[o] = from_float<T>(residual ? v + to_float(residual[o]) : v);
               } else {
                 w.y[p * rows + row0 + r] = s;
@@ -512,15 +478,6 @@ __device__ void gemv_items(const Route& rt, const T* __restrict__ input, const T
         }
     }
   }
-}
-
-template <typename T, bool FC1, int RG, bool kOut>
-__global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
-    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
-    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
-  enter_after_predecessor();
-  if (kOut && may_drop) pass_dropped(w.pos_of, residual, out, tokens, rows);
-  gemv_items<T, FC1, RG, kOut>(route_of(w), input, weight, bias, w, residual, out, tokens, rows, K, act_kind);
 }
 
 template <typename T, bool FC1, bool kOut = false>
@@ -612,7 +569,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * 32;  // this warp's rows and columns in the tile
   const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
-  if (kOut && may_drop) pass_dropped(w.pos_of, residual, out, tokens, rows);
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int n_active = w.active[0];
   for (int i = threadIdx.x; i < n_active; i += blockDim.x) {
     const int e = w.active[1 + i];
@@ -802,15 +759,17 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
 }
 
 // ---- finalize: out[t] = residual[t] + sum_k w_k y[pos(t, k)], dropped assignments weigh 0 ---------------
-template <typename T, bool kCoherent = false>
-__device__ void finalize_token(const Route& rt, const float* y_all, const T* __restrict__ residual,
-                               T* __restrict__ out, int t, int tokens, int hidden, int top_k) {
+template <typename T>
+__global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* __restrict__ out, int tokens,
+                                int hidden, int top_k) {
+  enter_after_predecessor();
+  const int t = blockIdx.x;
   float wt[2] = {0.f, 0.f};
   int pos[2] = {-1, -1};
   float sum = 0.f;
   for (int k = 0; k < top_k; ++k) {
-    pos[k] = rt.pos_of[k * tokens + t];
-    wt[k] = pos[k] >= 0 ? rt.prob[k * tokens + t] : 0.f;
+    pos[k] = w.pos_of[k * tokens + t];
+    wt[k] = pos[k] >= 0 ? w.prob[k * tokens + t] : 0.f;
     sum += wt[k];
   }
   if (top_k > 1) {
@@ -824,11 +783,10 @@ __device__ void finalize_token(const Route& rt, const float* y_all, const T* __r
     for (int i = 0; i < VN; ++i) s[i] = 0.f;
     for (int k = 0; k < top_k; ++k) {
       if (pos[k] < 0) continue;
-      const float* y = y_all + int64_t(pos[k]) * hidden + v * VN;
+      const float* y = w.y + int64_t(pos[k]) * hidden + v * VN;
 #pragma unroll
       for (int i = 0; i < VN; i += 4) {
-        const float4 q = kCoherent ? __ldcg(reinterpret_cast<const float4*>(y + i))
-                                   : *reinterpret_cast<const float4*>(y + i);
+        const float4 q = *reinterpret_cast<const float4*>(y + i);
         s[i] += wt[k] * q.x; s[i + 1] += wt[k] * q.y; s[i + 2] += wt[k] * q.z; s[i + 3] += wt[k] * q.w;
       }
     }
@@ -840,172 +798,6 @@ __device__ void finalize_token(const Route& rt, const float* y_all, const T* __r
   }
 }
 
-template <typename T>
-__global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* __restrict__ out, int tokens,
-                                int hidden, int top_k) {
-  enter_after_predecessor();
-  finalize_token(route_of(w), w.y, residual, out, blockIdx.x, tokens, hidden, top_k);
-}
-
-// ---- the whole layer in one kernel at decode sizes (at most kGemvMaxAssignments assignments) -------------------
-// Phases, separated by grid-wide barriers (the grid is one wave of resident blocks):
-//  1. gate logits in fp32, a block per expert;
-//  2. every block does softmax + top-k and the routing itself, into its own shared memory (no launch, no global
-//     round trip for the routing);
-//  3. FC1 (gemv_items), the activations to the workspace;
-//  4. FC2 writing the layer output (top-1), or y and then 5. the finalize (top-2).
-// It replaces four or five dependent launches (gate, routing, FC1, FC2, finalize). Measured (H100, 1 token, per
-// phase, tools/moe_ab.py): gate ~2.5 us, a barrier ~1.1, routing ~2, FC1 6 and FC2 8-9 for 8 MB each: the GEMV
-// phases stream at ~1.3-1.9 TB/s, which more warps per SM or spreading items over all SMs did not change.
-// Against the separate kernels in the same run: 8 tokens 72.7 vs 77.6 us, 16 tokens 128 vs 147.
-// The barrier: each block adds 1, block 0 adds 2^31 - (blocks - 1); the sum, 2^31, flips the word's top bit when
-// the last block arrives and leaves its low bits zero, as they must be before the first call (the workspace is
-// zero-filled once).
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
-    __threadfence();
-    const unsigned old = atomicAdd(bar, add);
-    unsigned now;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(now) : "l"(bar) : "memory");
-    } while (((old ^ now) & 0x80000000u) == 0);
-    __threadfence();
-  }
-  __syncthreads();
-}
-
-#ifdef MOETRT_MOE_PHASE_TIMING  // debug builds: %globaltimer at phase i, min and max over blocks, after the barrier word
-#define PHASE(i)                                                                                    \
-  do {                                                                                              \
-    if (threadIdx.x == 0) {                                                                         \
-      unsigned long long t_;                                                                        \
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                        \
-      unsigned long long* s_ = reinterpret_cast<unsigned long long*>(w.barrier) + 1 + 2 * (i);      \
-      atomicMin(s_, t_);                                                                            \
-      atomicMax(s_ + 1, t_);                                                                        \
-    }                                                                                               \
-  } while (0)
-#else
-#define PHASE(i)
-#endif
-constexpr int kDecodeMaxTok = kGemvMaxAssignments;  // tokens (top-1); top-2 takes half as many
-template <typename T>
-__global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_kernel(
-    const T* __restrict__ x, const float* __restrict__ wg, const T* __restrict__ w1, const T* __restrict__ b1,
-    const T* __restrict__ w2, const T* __restrict__ b2, Workspace w, const T* __restrict__ residual,
-    T* __restrict__ out, int tokens, int h, int f, int experts, int top_k, int act_kind, int capacity) {
-  // the logits; before them the gate's partial sums, after them the activations of one or two assignments
-  __shared__ __align__(16) float logit_s[kDecodeMaxTok * kMaxExperts];
-  __shared__ float prob_s[kGemvMaxAssignments];
-  __shared__ int32_t expert_s[kGemvMaxAssignments], perm_s[kGemvMaxAssignments], pos_s[kGemvMaxAssignments];
-  __shared__ int32_t counts_s[kMaxExperts], offsets_s[kMaxExperts + 1], active_s[kMaxExperts + 1],
-      scratch_s[kMaxExperts];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  PHASE(0);
-  // 1. gate logits: a block per expert, its threads splitting the hidden size; the first 4 * blockDim.x columns
-  // of the (constant) gate row are loaded before the wait
-  const int c_first = threadIdx.x * 4;
-  float4 g_first = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (int(blockIdx.x) < experts && c_first < h)
-    g_first = __ldg(reinterpret_cast<const float4*>(wg + int64_t(blockIdx.x) * h + c_first));
-  enter_after_predecessor();
-  PHASE(1);
-  for (int e = blockIdx.x; e < experts; e += gridDim.x) {
-    const float* row = wg + int64_t(e) * h;
-    float acc[kDecodeMaxTok];
-#pragma unroll
-    for (int j = 0; j < kDecodeMaxTok; ++j) acc[j] = 0.f;
-#pragma unroll 2
-    for (int c = c_first; c < h; c += 4 * blockDim.x) {
-      const float4 g = c == c_first && e == int(blockIdx.x) ? g_first : __ldg(reinterpret_cast<const float4*>(row + c));
-#pragma unroll
-      for (int j = 0; j < kDecodeMaxTok; ++j)
-        if (j < tokens) {
-          const float4 v = load4_float(x + int64_t(j) * h + c);
-          acc[j] += g.x * v.x + g.y * v.y + g.z * v.z + g.w * v.w;
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < kDecodeMaxTok; ++j)
-      if (j < tokens) {
-        const float v = warp_sum(acc[j]);
-        if (lane == 0) logit_s[warp * kDecodeMaxTok + j] = v;
-      }
-    __syncthreads();
-    if (int(threadIdx.x) < tokens) {
-      float sum = 0.f;
-      for (int i = 0; i < nwarps; ++i) sum += logit_s[i * kDecodeMaxTok + threadIdx.x];
-      w.logits[int64_t(threadIdx.x) * experts + e] = sum;
-    }
-    __syncthreads();
-  }
-  PHASE(2);
-  grid_barrier(w.barrier);
-  PHASE(3);
-
-  // 2. routing, per block
-  for (int i = threadIdx.x; i < tokens * experts; i += blockDim.x) logit_s[i] = __ldcg(w.logits + i);
-  __syncthreads();
-  for (int t = warp; t < tokens; t += nwarps)
-    warp_topk(logit_s + t * experts, experts, top_k, expert_s + t, prob_s + t, tokens);
-  __syncthreads();
-  const Route rt{active_s, counts_s, offsets_s, perm_s, pos_s, prob_s};
-  if (warp == 0) warp_route(expert_s, tokens * top_k, experts, capacity, scratch_s, rt);
-  __syncthreads();
-  PHASE(4);
-
-  // 3. FC1
-  gemv_items<T, true, 4, false>(rt, x, w1, b1, w, nullptr, nullptr, tokens, f, h, act_kind);
-  PHASE(5);
-  grid_barrier(w.barrier);
-  PHASE(6);
-
-  // 4. FC2, 5. finalize. With one or two assignments (too few items for 4 rows a warp: one each), every warp
-  // reads the same activation rows: they are copied to shared memory once per block rather than read from the
-  // same few L2 lines by every warp.
-  const int A = tokens * top_k;
-  const bool one_row = A <= 2;
-  const T* act = static_cast<const T*>(w.act);
-  bool coherent = true;
-  if (one_row && int64_t(A) * f * sizeof(T) <= int64_t(sizeof(logit_s))) {
-    constexpr int VN = Vec<T>::N;
-    for (int i = threadIdx.x; i < A * f / VN; i += blockDim.x) {
-      Vec<T> v;
-      v.load_cg(act + int64_t(i) * VN);
-      v.store(reinterpret_cast<T*>(logit_s) + i * VN);
-    }
-    __syncthreads();
-    act = reinterpret_cast<const T*>(logit_s);
-    coherent = false;
-  }
-  if (top_k == 1) {
-    if (capacity > 0) pass_dropped(pos_s, residual, out, tokens, h);
-    if (one_row) gemv_items<T, false, 1, true>(rt, act, w2, b2, w, residual, out, tokens, h, f, act_kind, coherent);
-    else gemv_items<T, false, 4, true>(rt, act, w2, b2, w, residual, out, tokens, h, f, act_kind, coherent);
-    PHASE(7);
-    return;
-  }
-  if (one_row) gemv_items<T, false, 1, false>(rt, act, w2, b2, w, nullptr, nullptr, tokens, h, f, act_kind, coherent);
-  else gemv_items<T, false, 4, false>(rt, act, w2, b2, w, nullptr, nullptr, tokens, h, f, act_kind, coherent);
-  grid_barrier(w.barrier);
-  for (int t = blockIdx.x; t < tokens; t += gridDim.x)
-    finalize_token<T, true>(rt, w.y, residual, out, t, tokens, h, top_k);
-}
-
-template <typename T>
-void launch_moe_decode(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
-                       const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
-                       int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
-  static int per_sm = 0;  // resident blocks per SM: the grid barrier needs every block resident at once
-  if (!per_sm) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, moe_decode_kernel<T>, kGemvThreads, 0);
-    per_sm = std::max(1, per_sm);
-  }
-  launch_if(true, moe_decode_kernel<T>, sm_count() * per_sm, kGemvThreads, 0, stream, hidden, gate_weight, fc1_w,
-            fc1_b, fc2_w, fc2_b, w, residual, out, tokens, h, f, experts, top_k, act_kind, capacity);
-}
 
 template <typename T, bool FC1, int BM, bool kOut = false>
 void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
@@ -1038,9 +830,8 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
     launch_expert_gemm<T, false, BM2>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind, stream);
 }
 
-// Above kGemvMaxAssignments: kernel by kernel. kGemm: the grouped-GEMM regime, whose launches are ordinary ones
-// (measured: with programmatic launch, 4096 tokens took 1.11 ms instead of 0.90); otherwise (fp32) the GEMV
-// kernels, programmatic up to decode sizes.
+// kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
+// 4096 tokens took 1.11 ms instead of 0.90); the GEMV regime's (decode) are programmatic.
 template <typename T, bool kGemm>
 int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                       const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
@@ -1102,11 +893,6 @@ template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
                int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
-  if (tokens * top_k <= kGemvMaxAssignments) {
-    launch_moe_decode<T>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f, experts, top_k,
-                         act_kind, capacity, w, stream);
-    return launch_status();
-  }
   if (sizeof(T) == 2 && tokens * top_k > kGemvMaxAssignments)
     return launch_moe_regime<T, true>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f,
                                       experts, top_k, act_kind, capacity, w, stream);

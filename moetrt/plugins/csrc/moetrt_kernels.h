@@ -62,8 +62,6 @@ MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* 
 // MoE layer (see moe.cu). hidden [tokens, h]; gate_weight [experts, h] fp32; fc1_weight [experts, ffn, h];
 // fc1_bias [experts, ffn]; fc2_weight [experts, h, ffn]; fc2_bias [experts, h]; residual [tokens, h] or NULL;
 // out [tokens, h]. capacity_factor <= 0 never drops. moetrt_moe_capacity gives the capacity a call uses (0: none).
-// The workspace (size from moetrt_moe_workspace_size for the largest call; calls of fewer tokens share it) must be
-// zero-filled before its first use; calls leave it usable (its barrier word at zero).
 MOETRT_API int moetrt_moe_capacity(int64_t tokens, int experts, int top_k, float capacity_factor, int min_capacity);
 MOETRT_API int moetrt_moe_workspace_size(int64_t tokens, int64_t hidden, int64_t ffn, int experts, int top_k,
                                          int dtype, size_t* bytes);
