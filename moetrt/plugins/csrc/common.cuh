@@ -22,8 +22,13 @@ template <typename T> struct Vec {
   static constexpr int N = 16 / sizeof(T);
   union { uint4 raw; T v[N]; };
   __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
-  __device__ __forceinline__ void load_global_nc(const T* p) {  // streamed once: skip L1
-    raw = __ldg(reinterpret_cast<const uint4*>(p));
+  // Weights, streamed once: read-only path, no L1 allocation (so the reused token vectors stay in L1), 256-byte L2
+  // fetches. Measured on an H100 against a plain __ldg: the decode MoE layer 5-11% faster (1/8/16 tokens: 23.0 /
+  // 72.4 / 127 us vs 24.7 / 76.4 / 142), the 350M batch-8 decode graph 1.642 ms vs 1.673; the L2 hint alone: no gain.
+  __device__ __forceinline__ void load_global_nc(const T* p) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(p));
   }
   __device__ __forceinline__ void load_cg(const T* p) {  // around L1: coherent in L2
     raw = __ldcg(reinterpret_cast<const uint4*>(p));
