@@ -159,6 +159,11 @@ class Stream:
         call(rt.cudaMemcpyAsync, dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle,
              what="cudaMemcpyAsync(device to host)")
 
+    def copy_on_device(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        rt = runtime_api()
+        call(rt.cudaMemcpyAsync, dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.handle,
+             what="cudaMemcpyAsync(device to device)")
+
     def memset(self, ptr: int, value: int, nbytes: int) -> None:
         call(runtime_api().cudaMemsetAsync, ptr, value, nbytes, self.handle, what="cudaMemsetAsync")
 
@@ -200,6 +205,9 @@ class Event:
 
     def record(self, stream: Stream) -> None:
         call(runtime_api().cudaEventRecord, self.handle, stream.handle, what="cudaEventRecord")
+
+    def synchronize(self) -> None:
+        call(runtime_api().cudaEventSynchronize, self.handle, what="cudaEventSynchronize")
 
     def elapsed_ms(self, start: "Event") -> float:
         call(runtime_api().cudaEventSynchronize, self.handle, what="cudaEventSynchronize")

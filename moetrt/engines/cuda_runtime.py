@@ -3,6 +3,9 @@
 Steps: the host writes a step's token ids, positions, past lengths and wanted logit rows into pinned memory,
 copies them to the device staging buffers, enqueues the step's launch plan (decode steps as the replay of a
 CUDA graph captured once per batch-size bucket), samples on the GPU, and reads back one int32 per sequence.
+`generate` keeps the GPU one decode step ahead of the host: the sampled tokens are copied on the device into the
+next step's inputs, and that step is enqueued before the host reads them (a step enqueued after the last needed
+one is discarded).
 Prompts are prefilled together, right-padded (as the CPU runtime); only the last real position of each prompt
 goes through the LM head. A prefill longer than the runtime's token budget is run in chunks.
 """
@@ -58,7 +61,7 @@ class CudaRuntime(Closing):
             raise MoetrtError(f"max_tokens {self.max_tokens} is below the engine's max batch {manifest.max_batch}")
         self.closed = True
         self.engine = None
-        self.pinned = None
+        self.pinned = self.step_pinned = self.token_event = None
         self.graphs: dict[int, cuda.Graph] = {}
         program = analyze(self.engine_dir / f"rank{rank}" / "model.onnx")
         self.engine = CudaEngine(program, manifest.max_batch, manifest.max_seq, self.max_tokens,
@@ -70,6 +73,11 @@ class CudaRuntime(Closing):
             self.pinned = cuda.PinnedBuffer(e.staging.nbytes + e.max_rows * e.vocab * 4)
             self.host = {name: self.pinned.array[off:].view(np.int32) for name, off in e.staging_offsets.items()}
             self.host_logits_off = e.staging.nbytes
+            # decode steps' positions, past lengths and logit rows, in two slots: a slot is rewritten only after
+            # the tokens sampled behind its last copies have been read, so no copy from it is still pending
+            self.step_pinned = cuda.PinnedBuffer(2 * 3 * 4 * e.max_batch)
+            self.step_host = self.step_pinned.array.view(np.int32).reshape(2, 3, e.max_batch)
+            self.token_event = cuda.Event()
             self.closed = False
         except BaseException:
             self.close()
@@ -103,6 +111,9 @@ class CudaRuntime(Closing):
         if rows is None and plan.default_rows is not None:
             rows = plan.default_rows
         self._stage(ids, past, rows)
+        return self._run(plan, B, decode)
+
+    def _run(self, plan, B: int, decode: bool):
         if decode and B in self.graphs:
             self.graphs[B].launch()
             return plan
@@ -112,6 +123,27 @@ class CudaRuntime(Closing):
             self.graphs[B] = cuda.Graph(self.engine.stream, plan.run)
         return plan
 
+    def _enqueue_decode(self, B: int, bucket: int, past: np.ndarray, slot: int, first: bool):
+        """Enqueue the decode step after the last sampling: its token ids are the sampled tokens, copied on the
+        device (padding rows read token 0); positions, past lengths and rows come from pinned slot ``slot``."""
+        e, s = self.engine, self.engine.stream
+        plan = e.plan(bucket, 1, None)
+        host = self.step_host[slot]
+        host[:2, :bucket] = 0
+        host[:2, :B] = past  # one new token a sequence: its position is the past length
+        base, off = e.staging.ptr, e.staging_offsets
+        if first:
+            s.memset(base + off["input_ids"], 0, 4 * bucket)
+        s.copy_on_device(base + off["input_ids"], base + off["tokens"], 4 * B)
+        names = ["position_ids", "past_lengths"]
+        if plan.default_rows is not None:
+            host[2, :len(plan.default_rows)] = plan.default_rows
+            names.append("rows")
+        for k, name in enumerate(names):
+            n = bucket if name != "rows" else len(plan.default_rows)
+            s.copy_to_device(base + off[name], self.step_pinned.ptr + 4 * (slot * 3 + k) * e.max_batch, 4 * n)
+        return self._run(plan, bucket, decode=True)
+
     def _read_logits(self, view: cuda.View) -> np.ndarray:
         e = self.engine
         nbytes = view.nbytes
@@ -120,15 +152,20 @@ class CudaRuntime(Closing):
         raw = self.pinned.array[self.host_logits_off:self.host_logits_off + nbytes]
         return raw.view(_NP[view.dtype]).reshape(view.shape).astype(np.float32)
 
-    def _sample(self, logits: cuda.View, temperature: float, top_k: int, top_p: float, seed: int,
-                step: int) -> np.ndarray:
+    def _sample_enqueue(self, logits: cuda.View, temperature: float, top_k: int, top_p: float, seed: int,
+                        step: int) -> None:
+        """Sample one token a row of ``logits`` into the device staging ``tokens`` and start their copy to the
+        host; ``_sampled`` waits for them."""
         e = self.engine
         B = logits.shape[0]
         tokens = e.staging_view("tokens", (B,))
         launch.sample(logits, tokens, temperature, top_k, top_p, seed, step, stream=e.stream.ptr)
         off = e.staging_offsets["tokens"]
         e.stream.copy_to_host(self.pinned.ptr + off, tokens.ptr, 4 * B)
-        e.stream.synchronize()
+        self.token_event.record(e.stream)
+
+    def _sampled(self, B: int) -> np.ndarray:
+        self.token_event.synchronize()
         return self.host["tokens"][:B].copy()
 
     def _prefill(self, padded: np.ndarray, lengths: np.ndarray):
@@ -219,17 +256,17 @@ class CudaRuntime(Closing):
             logits = dev
         streams = Streams(B, stop_tokens, callback)
         past = lengths.copy()
+        self._sample_enqueue(logits, temperature, top_k, top_p, seed, 0)
         for step in range(max_new_tokens):
-            tokens = self._sample(logits, temperature, top_k, top_p, seed, step)
-            if streams.emit(step, tokens[:B].tolist()) or step == max_new_tokens - 1:
+            last = step == max_new_tokens - 1
+            if not last:  # the next step goes to the GPU before the host looks at this one's tokens
+                plan = self._enqueue_decode(B, bucket, past, (step + 1) % 2, first=step == 0)
+                past = past + 1
+            if streams.emit(step, self._sampled(B).tolist()) or last:
                 break
-            ids = np.zeros((bucket, 1), np.int32)
-            ids[:B, 0] = tokens[:B]
-            pad_past = np.zeros(bucket, np.int32)
-            pad_past[:B] = past
-            plan = self._enqueue(ids, pad_past, None)
             logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
-            past = past + 1
+            self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1)
+        self.engine.stream.synchronize()  # a step enqueued ahead of a stop still reads its pinned slot
         return streams.outputs
 
     def tune(self, prefill_tokens=(128, 512), progress=None) -> dict:
@@ -303,7 +340,11 @@ class CudaRuntime(Closing):
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-        if self.pinned is not None:
-            self.pinned.free()
-            self.pinned = None
+        for name in ("pinned", "step_pinned"):
+            if getattr(self, name) is not None:
+                getattr(self, name).free()
+                setattr(self, name, None)
+        if self.token_event is not None:
+            self.token_event.destroy()
+            self.token_event = None
         self.closed = True
