@@ -39,6 +39,8 @@ MOETRT_API int moetrt_embedding(const int32_t* input_ids, const int32_t* positio
 
 // sum = x + delta (delta may be NULL: sum is x and is not written); normed = LayerNorm(sum) * gamma + beta with
 // fp32 statistics. x, delta, sum, normed [rows, hidden]; gamma, beta [hidden]. hidden % (16 / sizeof(T)) == 0.
+// gamma and beta are read before waiting for the preceding kernel (programmatic launch): the kernel just before
+// this call in the stream must not write them.
 MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void* gamma, const void* beta,
                                     void* sum_out, void* normed, int64_t rows, int64_t hidden, float epsilon,
                                     int dtype, cudaStream_t stream);
