@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   constexpr int kPreElems = PRE * 32 * VN;
   if (prefetch && active && K > kPreElems)
     prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
+  const float bias_n = bias && active && lane < M ? to_float(bias[n]) : 0.f;  // a weight too: before the wait
   enter_after_predecessor();
   if (!active) return;
   float acc[M];
@@ -65,8 +66,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     float v = 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m) v = lane == m ? acc[m] : v;
-    if (bias) v += to_float(bias[n]);
-    y[int64_t(lane) * N + n] = from_float<T>(activate(v, act));
+    y[int64_t(lane) * N + n] = from_float<T>(activate(v + bias_n, act));
   }
 }
 

@@ -424,6 +424,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
         }
     };
     load_weights(0);
+    float bias_r[RG];  // with the weights, not after the dot products
+#pragma unroll
+    for (int r = 0; r < RG; ++r) bias_r[r] = row0 + r < rows ? to_float(bias[int64_t(e) * rows + row0 + r]) : 0.f;
     const int count = w.counts[e], off = w.offsets[e];
     for (int t0 = 0; t0 < count; t0 += TOK) {
       const int nt = min(TOK, count - t0);
@@ -461,7 +464,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
 #pragma unroll
         for (int j = 0; j < TOK; ++j) {
           if (j < nt && row0 + r < rows) {  // uniform across the warp
-            const float s = warp_sum(acc[r][j]) + to_float(bias[int64_t(e) * rows + row0 + r]);
+            const float s = warp_sum(acc[r][j]) + bias_r[r];
             if (lane == 0) {
               const int64_t p = off + t0 + j;
               if (FC1) {

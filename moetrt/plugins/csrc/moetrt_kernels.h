@@ -84,7 +84,7 @@ MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch,
 
 // y[m, :] = act(x[m, :] @ weight^T + bias) for m < rows <= 8; x [rows, k], weight [n, k] (out, in), bias [n] or
 // NULL, y [rows, n]; activation as above (2 = none). k % (16 / sizeof(T)) == 0. For decode-sized GEMMs.
-// The weight is read before waiting for the preceding kernel (programmatic launch): the kernel just before
-// this call in the stream must not write it.
+// The weight and bias are read before waiting for the preceding kernel (programmatic launch): the kernel just
+// before this call in the stream must not write them.
 MOETRT_API int moetrt_gemv(const void* x, const void* weight, const void* bias, void* y, int64_t rows, int64_t n,
                            int64_t k, int activation, int dtype, cudaStream_t stream);
