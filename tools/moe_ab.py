@@ -5,7 +5,7 @@
 Per library (each in its own process, MOETRT_KERNELS_LIB): the 64-expert h1024 f4096 fp16 layer at 1, 8 and 16
 tokens, timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight sets), with and
 without programmatic launch. A kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before
-landing it; a one-kernel MoE that won here by 4-20% lost by 10-20% inside the 350M decode step
+landing it: a one-kernel MoE that won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step
 (docs/performance.md)."""
 import json
 import os
