@@ -12,6 +12,7 @@ goes through the LM head. A prefill longer than the runtime's token budget is ru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -256,17 +257,25 @@ class CudaRuntime(Closing):
             logits = dev
         streams = Streams(B, stop_tokens, callback)
         past = lengths.copy()
-        self._sample_enqueue(logits, temperature, top_k, top_p, seed, 0)
-        for step in range(max_new_tokens):
-            last = step == max_new_tokens - 1
-            if not last:  # the next step goes to the GPU before the host looks at this one's tokens
-                plan = self._enqueue_decode(B, bucket, past, (step + 1) % 2, first=step == 0)
-                past = past + 1
-            if streams.emit(step, self._sampled(B).tolist()) or last:
-                break
-            logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
-            self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1)
-        self.engine.stream.synchronize()  # a step enqueued ahead of a stop still reads its pinned slot
+        finished = False
+        try:
+            self._sample_enqueue(logits, temperature, top_k, top_p, seed, 0)
+            for step in range(max_new_tokens):
+                last = step == max_new_tokens - 1
+                if not last:  # the next step goes to the GPU before the host looks at this one's tokens
+                    plan = self._enqueue_decode(B, bucket, past, (step + 1) % 2, first=step == 0)
+                    past = past + 1
+                if streams.emit(step, self._sampled(B).tolist()) or last:
+                    break
+                logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
+                self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1)
+            finished = True
+        finally:  # a step enqueued ahead (of a stop, or of a callback's exception) still reads its pinned slot
+            if finished:
+                self.engine.stream.synchronize()
+            else:
+                with contextlib.suppress(MoetrtError):  # the exception on its way out is the one to report
+                    self.engine.stream.synchronize()
         return streams.outputs
 
     def tune(self, prefill_tokens=(128, 512), progress=None) -> dict:

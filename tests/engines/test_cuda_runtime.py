@@ -57,6 +57,25 @@ def test_greedy_tokens_identical_to_the_model_over_64_steps(engine32, model32):
         assert rt.generate(prompts[:1], 64) == model32.generate(prompts[:1], 64)  # batch-1 graph bucket
 
 
+def test_a_stop_or_a_failing_callback_leaves_the_runtime_consistent(engine32, model32):
+    """generate runs one step ahead of the host: a step is already enqueued when a stop token ends the call, or
+    when the streaming callback raises; later calls must not see it."""
+    prompts = [[5, 9, 2], [7]]
+    full = model32.generate(prompts, 12)
+    stop = full[0][3]
+    want = [seq[:seq.index(stop) + 1] if stop in seq else seq for seq in full]
+    with Runtime(engine32, device="cuda") as rt:
+        assert rt.generate(prompts, 12, stop_tokens=[stop]) == want
+
+        def failing(step, tokens):
+            if step == 2:
+                raise RuntimeError("callback failed")
+
+        with pytest.raises(RuntimeError, match="callback failed"):
+            rt.generate(prompts, 12, callback=failing)
+        assert rt.generate(prompts, 12) == full
+
+
 def test_fp16_logits_as_accurate_as_the_torch_fp16_model(engine16, tiny_checkpoints, tiny_config):
     """fp16 error measured against the float64 torch model, beside the torch model's own fp16 error on the same
     GPU. Elementwise bounds do not hold for either: a token whose top gate probabilities nearly tie may route
