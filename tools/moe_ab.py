@@ -16,16 +16,9 @@ import sys
 def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
     import torch
     from moetrt.plugins import launch
-    from moetrt.plugins.bench import ROTATE, time_ms, time_ms_without_pdl
+    from moetrt.plugins.bench import ROTATE, moe_layers, time_ms, time_ms_without_pdl
     dt = torch.float16
-    layers = []
-    for i in range(ROTATE):
-        g = torch.Generator(device="cuda").manual_seed(i)
-        layers.append((torch.randn(E, h, device="cuda", generator=g) / h ** 0.5,
-                       (torch.randn(E, f, h, device="cuda", generator=g) / h ** 0.5).to(dt),
-                       (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt),
-                       (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt),
-                       (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)))
+    layers = moe_layers(E, h, f)
     res = {}
     for N in tokens:
         xs = [torch.randn(N, h, device="cuda").to(dt) for _ in range(ROTATE)]

@@ -257,7 +257,6 @@ class CudaRuntime(Closing):
             logits = dev
         streams = Streams(B, stop_tokens, callback)
         past = lengths.copy()
-        finished = False
         try:
             self._sample_enqueue(logits, temperature, top_k, top_p, seed, 0)
             for step in range(max_new_tokens):
@@ -269,13 +268,11 @@ class CudaRuntime(Closing):
                     break
                 logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
                 self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1)
-            finished = True
-        finally:  # a step enqueued ahead (of a stop, or of a callback's exception) still reads its pinned slot
-            if finished:
+        except BaseException:  # a callback's exception, say: the one to report, after the step enqueued ahead
+            with contextlib.suppress(MoetrtError):
                 self.engine.stream.synchronize()
-            else:
-                with contextlib.suppress(MoetrtError):  # the exception on its way out is the one to report
-                    self.engine.stream.synchronize()
+            raise
+        self.engine.stream.synchronize()  # a step enqueued ahead of a stop still reads its pinned slot
         return streams.outputs
 
     def tune(self, prefill_tokens=(128, 512), progress=None) -> dict:

@@ -83,11 +83,10 @@ def measure_ceilings() -> dict:
     return {"copy_bytes_per_s": bandwidth, "fp16_flops_per_s": 2 * 8192 ** 3 / (ms_mm * 1e-3)}
 
 
-def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=4096) -> list[dict]:
+def moe_layers(E: int, h: int, f: int) -> list[tuple]:
+    """ROTATE independent fp16 MoE layers (gate fp32, fc1 w/b, fc2 w/b) on the GPU, seeded 0..ROTATE-1."""
     torch = cuda_torch()
-    from moetrt.plugins import launch
     dt = torch.float16
-    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
     layers = []
     for i in range(ROTATE):
         g = torch.Generator(device="cuda").manual_seed(i)
@@ -96,6 +95,15 @@ def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=409
                        (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt),
                        (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt),
                        (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)))
+    return layers
+
+
+def bench_moe(ceil: dict, tokens_list=(1, 8, 32, 512, 4096), E=64, h=1024, f=4096) -> list[dict]:
+    torch = cuda_torch()
+    from moetrt.plugins import launch
+    dt = torch.float16
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    layers = moe_layers(E, h, f)
     expert_bytes = (2 * f * h + f + h) * 2
     rows = []
     for N in tokens_list:
