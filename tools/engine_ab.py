@@ -2,8 +2,9 @@
 
     python3 tools/engine_ab.py ENGINE [--batch 1,8,32] [--rounds 2] SETTING [SETTING ...]
 
-A SETTING is a space-separated list of environment assignments (e.g. "MOETRT_PREFETCH_MB=0" or
-"MOETRT_KERNELS_LIB=/path/lib.so"; "-" for none). Rounds alternate the settings, each in its own process: the
+A SETTING is a space-separated list of environment assignments (e.g. "MOETRT_KERNELS_LIB=/path/lib.so"; "-" for
+none), or "PY:" and a Python statement the child runs before it opens the runtime (e.g.
+"PY:from moetrt.engines.cuda_backend import CudaEngine as C; C.fuse_layernorm = False"). Rounds alternate the settings, each in its own process: the
 runtime generates from 128-token prompts to capture the decode graph of each batch size, then times 200 replays
 of it. Prints the milliseconds per replay of every round and JSON of the medians."""
 import argparse
@@ -15,6 +16,9 @@ import sys
 
 def child(engine: str, batches: list[int]) -> None:
     import numpy as np
+
+    if os.environ.get("ENGINE_AB_PY"):
+        exec(os.environ["ENGINE_AB_PY"])
 
     from moetrt.engines import cuda
     from moetrt.engines.runtime import Runtime
@@ -40,7 +44,10 @@ def main() -> None:
     for r in range(a.rounds):
         for s in a.settings:
             env = dict(os.environ)
-            env.update(kv.split("=", 1) for kv in s.split() if kv != "-")
+            if s.startswith("PY:"):
+                env["ENGINE_AB_PY"] = s[3:]
+            else:
+                env.update(kv.split("=", 1) for kv in s.split() if kv != "-")
             p = subprocess.run([sys.executable, __file__, "--child", a.engine, a.batch], env=env, text=True,
                                capture_output=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -21,7 +21,7 @@ import numpy as np
 from moetrt.engines import cuda
 from moetrt.engines.gemm import WORKSPACE_BYTES, Gemm, GemmContext, TUNING_FILE
 from moetrt.engines.program import Program, _slices, propagate
-from moetrt.errors import MoetrtError
+from moetrt.errors import KernelError, MoetrtError
 from moetrt.plugins import launch
 from moetrt.plugins.kernels import load_library
 
@@ -66,6 +66,8 @@ class StepPlan:
 
 
 class CudaEngine:
+    fuse_layernorm = True  # a LayerNorm and the GEMV reading it as one kernel (decode plans; see plan)
+
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
         self.program = program
@@ -236,6 +238,14 @@ class CudaEngine:
                     last_use[self.resolve(t)] = i
         for o in p.outputs:
             last_use[self.resolve(o)] = len(ops)
+        if self.fuse_layernorm:  # a fused LayerNorm + GEMV reads the LayerNorm's inputs while writing the GEMM's output
+            for i, j in self._layernorm_gemm_pairs().items():
+                for t in ops[i].inputs[:2] if ops[i].kind == "add_layernorm" else ():
+                    if t:
+                        last_use[self.resolve(t)] = max(last_use.get(self.resolve(t), -1), j)
+        dies_at: dict[int, set] = {}
+        for t, i in last_use.items():
+            dies_at.setdefault(i, set()).add(t)
         free: list[tuple[int, int]] = []   # (capacity, buffer index)
         caps: list[int] = []
         self.assignment: dict[str, int] = {}
@@ -261,8 +271,8 @@ class CudaEngine:
                     idx = len(caps)
                     caps.append(need)
                 self.assignment[root] = idx
-            for t in {self.resolve(t) for t in op.inputs if t}:
-                if t in self.assignment and last_use.get(t) == i:
+            for t in dies_at.get(i, ()):
+                if t in self.assignment:
                     free.append((caps[self.assignment[t]], self.assignment[t]))
             for out in op.outputs:  # an output nobody reads is dead at once
                 root = self.resolve(out)
@@ -306,7 +316,9 @@ class CudaEngine:
         launches, gemms, candidates = [], [], []
         N = B * T
         default_rows = None
-        for op in p.ops:
+        fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= launch.GEMV_MAX_ROWS else {}
+        pending = {}  # GEMM op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
+        for index, op in enumerate(p.ops):
             ins, outs = op.inputs, op.outputs
             if op.kind == "all_reduce":
                 if op.attrs.get("tp_size", 1) > 1:
@@ -351,17 +363,23 @@ class CudaEngine:
                 emb = self._view(outs[0], (N, h))
                 launches.append(launch.embedding(self._view(ids, (N,)), self._view(pos, (N,)), self._view(wte, ()),
                                                  self._view(wpe, ()), emb, stream=s, defer=True))
-                launches.append(launch.add_layernorm(emb, None, self._view(gamma, ()), self._view(beta, ()), None,
-                                                     self._view(outs[1], (N, h)), op.attrs["epsilon"], stream=s,
-                                                     defer=True))
+                ln = ((emb, None, self._view(gamma, ()), self._view(beta, ()), None, self._view(outs[1], (N, h))),
+                      {"epsilon": op.attrs["epsilon"], "stream": s})
+                if index in fusable:
+                    pending[fusable[index]] = ln
+                else:
+                    launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
             elif op.kind == "add_layernorm":
                 x, delta, gamma, beta = ins
                 h = shapes[x][-1]
                 n = int(np.prod(shapes[x][:-1]))
-                launches.append(launch.add_layernorm(
-                    self._view(x, (n, h)), self._view(delta, (n, h)) if delta else None, self._view(gamma, ()),
-                    self._view(beta, ()), self._view(outs[0], (n, h)) if delta else None,
-                    self._view(outs[1], (n, h)), op.attrs["epsilon"], stream=s, defer=True))
+                ln = ((self._view(x, (n, h)), self._view(delta, (n, h)) if delta else None, self._view(gamma, ()),
+                       self._view(beta, ()), self._view(outs[0], (n, h)) if delta else None,
+                       self._view(outs[1], (n, h))), {"epsilon": op.attrs["epsilon"], "stream": s})
+                if index in fusable:
+                    pending[fusable[index]] = ln
+                else:
+                    launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
             elif op.kind == "gemm":
                 x, w, bias = ins
                 K, Nout = op.attrs["K"], op.attrs["N"]
@@ -373,7 +391,22 @@ class CudaEngine:
                 choice_key = f"{M}x{Nout}x{K}:{self.dtype}:{'bias' if bias else 'none'}:{act or 'noact'}"
                 gemv_call = launch.gemv(xv, self._view(w, ()), bv, yv, act or "none", stream=s, defer=True) \
                     if eligible else None
-                if eligible and (gemv if gemv is not None else self.use_gemv(choice_key, M)):
+                use_gemv = eligible and (gemv if gemv is not None else self.use_gemv(choice_key, M))
+                ln = pending.pop(index, None)
+                if ln is not None:
+                    fused = None
+                    if use_gemv:
+                        (lx, ld, lg, lb, lsum, _), kw = ln
+                        try:
+                            fused = launch.add_layernorm_gemv(lx, ld, lg, lb, lsum, self._view(w, ()), bv, yv,
+                                                              act or "none", defer=True, **kw)
+                        except KernelError:  # too large for its shared memory, or y shares a buffer with x
+                            fused = None
+                    if fused is not None:
+                        launches.append(fused)  # LayerNorm, then one pass over W: one kernel
+                        continue
+                    launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
+                if use_gemv:
                     launches.append(gemv_call)  # one pass over W [N, K], bias and activation fused
                     continue
                 g = Gemm(self.gemm_ctx, M, Nout, K, self.dtype, xv.ptr, self._view(w, ()).ptr, yv.ptr,
@@ -408,9 +441,36 @@ class CudaEngine:
                                            top_k=a["top_k"], activation=a["activation"],
                                            capacity_factor=a["capacity_factor"], min_capacity=a["min_capacity"],
                                            stream=s, defer=True))
+        assert not pending, f"LayerNorms left unfused and unlaunched: {sorted(pending)}"
         plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates)
         self.plans[key] = plan
         return plan
+
+    def _layernorm_gemm_pairs(self) -> dict[int, int]:
+        """{LayerNorm op index: GEMM op index} where the GEMM is the only reader of the normalised tensor and
+        nothing but aliases runs between them: candidates for one fused kernel (when the GEMV runs the GEMM)."""
+        ops = self.program.ops
+        readers: dict[str, list[int]] = {}
+        for i, op in enumerate(ops):
+            if op.kind not in ("alias", "select"):
+                for t in op.inputs:
+                    if t:
+                        readers.setdefault(self.resolve(t), []).append(i)
+        outputs = {self.resolve(o) for o in self.program.outputs}
+        pairs = {}
+        for i, op in enumerate(ops):
+            if op.kind not in ("add_layernorm", "embed_ln"):
+                continue
+            normed = self.resolve(op.outputs[1])
+            r = readers.get(normed, [])
+            if len(r) != 1 or normed in outputs:
+                continue
+            j = r[0]
+            g = ops[j]
+            if g.kind == "gemm" and g is not self.head and self.resolve(g.inputs[0]) == normed and \
+                    all(ops[k].kind in ("alias", "select") for k in range(i + 1, j)):
+                pairs[i] = j
+        return pairs
 
     def time_all_reduces(self, B: int, reps: int = 20) -> float:
         """Milliseconds of one decode step's all-reduces alone (each on a [B, hidden] buffer); 0 without any."""

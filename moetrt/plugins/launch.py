@@ -27,6 +27,7 @@ _SIGNATURES = {
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
     "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
+    "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
 
@@ -312,3 +313,53 @@ def gemv(x, weight, bias, y, activation: str = "none", stream: int = 0, defer: b
         _expect(b, "bias", (N,), (a.dtype,))
     return _launch("moetrt_gemv", (a.ptr, w.ptr, b.ptr if b else None, o.ptr, M, N, K, _activation(activation),
                                    DTYPE_CODES[a.dtype], stream), "gemv", defer)
+
+
+def add_layernorm_gemv_fits(rows: int, k: int, dtype: str) -> bool:
+    """Whether add_layernorm_gemv takes these sizes (its normalised rows, gamma and beta in 44 KB of shared
+    memory; k within the LayerNorm kernel's limit)."""
+    size = 4 if dtype == "fp32" else 2
+    return 1 <= rows <= GEMV_MAX_ROWS and k % (16 // size) == 0 and k <= 1024 * (16 // size) \
+        and (rows + 2) * k * size <= 44 << 10
+
+
+def _overlap(a: DeviceArray, b: DeviceArray) -> bool:
+    return a.ptr < b.ptr + _nbytes(b) and b.ptr < a.ptr + _nbytes(a)
+
+
+def add_layernorm_gemv(x, delta, gamma, beta, sum_out, weight, bias, y, activation: str = "none",
+                       epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
+    """``gemv`` over ``LayerNorm(x + delta)`` in one kernel: ``sum_out = x + delta`` (``delta``/``sum_out`` may be
+    None), ``y = act(LayerNorm(sum_out) @ weight.T + bias)``; the normalised rows are not stored. ``y`` must not
+    overlap ``x``, ``delta`` or ``sum_out``."""
+    a, w, o = DeviceArray.of(x, "x"), DeviceArray.of(weight, "weight"), DeviceArray.of(y, "y")
+    if len(a.shape) != 2 or len(w.shape) != 2:
+        raise KernelError(f"add_layernorm_gemv: expected x [M, K] and weight [N, K], got {a.shape}, {w.shape}")
+    (M, K), (N, _) = a.shape, w.shape
+    _expect(a, "x", (M, K), _float_dtypes())
+    if not add_layernorm_gemv_fits(M, K, a.dtype):
+        raise KernelError(f"add_layernorm_gemv: x [{M}, {K}] of {a.dtype} does not fit (at most {GEMV_MAX_ROWS} rows, "
+                          f"(rows + 2) * K elements in 44 KB, K a multiple of 16 bytes)")
+    _expect(w, "weight", (N, K), (a.dtype,))
+    _expect(o, "y", (M, N), (a.dtype,))
+    d = None if delta is None else DeviceArray.of(delta, "delta")
+    s = None if sum_out is None else DeviceArray.of(sum_out, "sum_out")
+    for arr, name in ((d, "delta"), (s, "sum_out")):
+        if arr is not None:
+            _expect(arr, name, (M, K), (a.dtype,))
+    if d is not None and s is None:
+        raise KernelError("sum_out: required when delta is given")
+    for arr, name in ((a, "x"), (d, "delta"), (s, "sum_out")):
+        if arr is not None and _overlap(arr, o):
+            raise KernelError(f"add_layernorm_gemv: y overlaps {name}")
+    g, bt = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta")
+    _expect(g, "gamma", (K,), (a.dtype,))
+    _expect(bt, "beta", (K,), (a.dtype,))
+    b = None
+    if bias is not None:
+        b = DeviceArray.of(bias, "bias")
+        _expect(b, "bias", (N,), (a.dtype,))
+    return _launch("moetrt_add_layernorm_gemv",
+                   (a.ptr, d.ptr if d else None, g.ptr, bt.ptr, s.ptr if s else None, w.ptr, b.ptr if b else None,
+                    o.ptr, M, N, K, epsilon, _activation(activation), DTYPE_CODES[a.dtype], stream),
+                   "add_layernorm_gemv", defer)

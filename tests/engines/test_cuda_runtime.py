@@ -251,6 +251,37 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
         assert rt.generate([[4, 5, 6]], 8) == rt.generate([[4, 5, 6]], 8)
 
 
+
+def test_layernorm_fused_into_the_next_gemv_changes_no_bit(tmp_path, monkeypatch):
+    """Decode steps run each LayerNorm whose only reader is a GEMV-run GEMM (QKV, dense FC1) inside that GEMV's
+    kernel: logits of decode steps and generated tokens equal the two-kernel plan's bit for bit. (Weights of
+    1 MiB and more stay [out, in] (fold's threshold), so hidden 512 is the smallest model with GEMV-run GEMMs.)"""
+    from moetrt.engines.cuda_backend import CudaEngine
+    from moetrt.models.checkpoints import init_checkpoint
+    from moetrt.models.config import ModelConfig
+    config = ModelConfig(vocab_size=1024, hidden_size=512, num_layers=2, num_heads=8, ffn_hidden_size=2048,
+                         max_position_embeddings=128, num_experts=4, moe_layers=(1,), top_k=1)
+    ckpt = init_checkpoint(tmp_path / "c", config, "moetrt", torch.float32, seed=5)
+    engine = compile(ckpt, tmp_path / "e", dtype="fp16", max_batch=4, max_seq=64)
+    rng = np.random.default_rng(6)
+    feeds = {"input_ids": rng.integers(0, 1024, (2, 1)).astype(np.int32), "past_lengths": np.array([7, 30], np.int32)}
+    feeds["position_ids"] = feeds["past_lengths"][:, None].astype(np.int32)
+    for l in range(config.num_layers):
+        feeds[f"kv_cache_{l}"] = (0.5 * rng.standard_normal((2, 4, 8, 64, 64))).astype(np.float16)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    results = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(CudaEngine, "fuse_layernorm", fuse)
+        with Runtime(engine, device="cuda") as rt:
+            whats = [getattr(fn, "what", "") for fn in rt.engine.plan(2, 1).launches]
+            # the first layer's QKV and dense FC1, the second layer's QKV (its FFN is the MoE)
+            assert whats.count("add_layernorm_gemv") == (3 if fuse else 0), whats
+            results[fuse] = rt.run(dict(feeds)), rt.generate(prompts, 12)
+    (fused, tokens), (plain, tokens_plain) = results[True], results[False]
+    assert tokens == tokens_plain
+    for name in plain:
+        assert np.array_equal(fused[name], plain[name]), name
+
 def test_validate_with_the_gpu_runner(engine16):
     from moetrt.compiler.validate import validate
     assert validate(engine16, verbose=False, device="cuda")

@@ -89,6 +89,57 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
         launch.gemv(torch.zeros(9, k, device="cuda", dtype=dt), w, b, poisoned((9, n), dt))
 
 
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows, n, k, activation, with_delta", [
+    (1, 3072, 1024, "none", True), (1, 4096, 1024, "gelu_tanh", True), (3, 1000, 2048, "gelu", False),
+    (8, 96, 1024, "none", True), (3, 200, 64, "none", False)])
+def test_add_layernorm_gemv(dtype, rows, n, k, activation, with_delta):
+    """LayerNorm(x + delta) feeding the GEMV in one kernel: against float64 LayerNorm then GEMM, and bit for bit
+    the two-kernel path (the same statistics, rounding and dot products; a partial sum taken in another order
+    would flip low bits)."""
+    dt = DTYPES[dtype]
+    x = torch.randn(rows, k, device="cuda").to(dt)
+    delta = torch.randn(rows, k, device="cuda").to(dt) if with_delta else None
+    gamma, beta = (1 + 0.1 * torch.randn(k, device="cuda")).to(dt), (0.1 * torch.randn(k, device="cuda")).to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = torch.randn(n, device="cuda").to(dt)
+    total, y = (poisoned((rows, k), dt) if with_delta else None), poisoned((rows, n), dt)
+    launch.add_layernorm_gemv(x, delta, gamma, beta, total, w, b, y, activation, 1e-5)
+    torch.cuda.synchronize()
+    # float64 reference, from the sum as stored (the residual stream is rounded to dtype, as in AddLayerNorm)
+    summed = cpu(total) if with_delta else cpu(x)
+    if with_delta:
+        assert rel_err(total, cpu(x) + cpu(delta)) < BOUND[dtype]
+    normed = add_layernorm_reference(summed, None, cpu(gamma), cpu(beta), 1e-5)[1]
+    pre = normed @ cpu(w).T + cpu(b)
+    ref = pre if activation == "none" else bias_act_reference(pre, np.zeros(n), activation)
+    assert rel_err(y, ref) < 2 * BOUND[dtype]  # two roundings: the normalised rows, then y
+    # the unfused path: add_layernorm, then gemv
+    total2, normed2, y2 = poisoned((rows, k), dt) if with_delta else None, poisoned((rows, k), dt), poisoned((rows, n), dt)
+    launch.add_layernorm(x, delta, gamma, beta, total2, normed2, 1e-5)
+    launch.gemv(normed2, w, b, y2, activation)
+    torch.cuda.synchronize()
+    assert torch.equal(y, y2)
+    if with_delta:
+        assert torch.equal(total, total2)
+
+
+def test_add_layernorm_gemv_refuses_what_it_cannot_do():
+    dt = torch.float16
+    x, g = torch.randn(2, 64, device="cuda", dtype=dt), torch.ones(64, device="cuda", dtype=dt)
+    w, y = torch.randn(32, 64, device="cuda", dtype=dt), torch.empty(2, 32, device="cuda", dtype=dt)
+    buf = torch.empty(2 * 64 + 2 * 32, device="cuda", dtype=dt)
+    with pytest.raises(Exception, match="y overlaps x"):
+        launch.add_layernorm_gemv(buf[:128].view(2, 64), None, g, g, None, w, None, buf[96:160].view(2, 32))
+    with pytest.raises(Exception, match="does not fit"):
+        launch.add_layernorm_gemv(torch.randn(8, 12288, device="cuda", dtype=dt), None,
+                                  *(torch.ones(12288, device="cuda", dtype=dt),) * 2, None,
+                                  torch.randn(8, 12288, device="cuda", dtype=dt), None,
+                                  torch.empty(8, 8, device="cuda", dtype=dt))
+    with pytest.raises(Exception, match="sum_out: required"):
+        launch.add_layernorm_gemv(x, x.clone(), g, g, None, w, None, y)
+
 # -- attention ---------------------------------------------------------------------------------------
 
 def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq, ws=None):

@@ -2,6 +2,10 @@
 // [N, K] (out, in: a torch Linear weight). One warp per output column n reads W's row once with 16-byte loads
 // (the bytes that bound the op) and applies it to all M rows of x (small, from L1/L2); fp32 accumulation,
 // bias and activation fused. Chosen over cuBLASLt for M <= 8 by measurement (docs/performance.md).
+//
+// The AddLayerNorm variant takes x = LayerNorm(x + delta) as its input: every block recomputes the M normalised
+// rows in shared memory (a few KB from L2, while its weights are in flight) with add_layernorm_kernel's exact
+// arithmetic, and block 0 writes the sum; one kernel boundary fewer per pair, the same bits.
 #include "common.cuh"
 
 using namespace moetrt;
@@ -13,12 +17,98 @@ constexpr int kGemvWarps = 8;
 // the first wave's prefetches evict each other (on an H200, gpt-moe-3.4b-8e's batch-1 decode step took 2.83 ms
 // with them on every GEMV, 2.69 ms with this limit).
 constexpr int64_t kPrefetchMaxBytes = 24 << 20;
+// The LayerNorm prologue: the vectors of a row are spread over kLnThreads threads as in layernorm.cu (the same
+// partial sums, hence the same statistics); its rows, gamma and beta live in at most this much shared memory
+// (dynamic; with the static reduction scratch, under the 48 KB a launch gets without opting in).
+constexpr int kLnThreads = 128, kLnMaxVecs = 8;
+constexpr int kLnMaxSmem = 44 << 10;
 
+template <typename T>
+struct AddLn {  // normed = LayerNorm(x + delta) * gamma + beta, sum_out = x + delta (block 0; when both given)
+  const T* x;
+  const T* delta;
+  const T* gamma;
+  const T* beta;
+  T* sum_out;
+  float eps;
+};
+
+// Per-row block sums of v[m] with block_sum's order (warp butterflies, then one over the warps' partials).
+template <int M>
+__device__ __forceinline__ void block_sum_rows(float (&v)[M], float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) v[m] = warp_sum(v[m]);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) scratch[m * 32 + warp] = v[m];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) v[m] = warp_sum(lane < warps ? scratch[m * 32 + lane] : 0.f);
+}
+
+// The M rows of LayerNorm(x + delta) into xs [M][K] (shared), as add_layernorm_kernel computes them.
 template <typename T, int M>
+__device__ void add_layernorm_rows(const AddLn<T>& ln, T* xs, const T* gs, const T* bs, int K, float* scratch) {
+  constexpr int VN = Vec<T>::N;
+  const int vecs = K / VN;
+  const bool mine = threadIdx.x < kLnThreads, writer = blockIdx.x == 0 && ln.delta && ln.sum_out;
+  float sum[M], sq[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    sum[m] = 0.f;
+    for (int v = threadIdx.x; mine && v < vecs; v += kLnThreads) {
+      Vec<T> a, d;
+      a.load(ln.x + int64_t(m) * K + v * VN);
+      if (ln.delta) d.load(ln.delta + int64_t(m) * K + v * VN);
+#pragma unroll
+      for (int j = 0; j < VN; ++j) {
+        if (ln.delta) a.v[j] = from_float<T>(to_float(a.v[j]) + to_float(d.v[j]));  // the residual stream, in T
+        sum[m] += to_float(a.v[j]);
+      }
+      a.store(xs + m * K + v * VN);
+      if (writer) a.store(ln.sum_out + int64_t(m) * K + v * VN);
+    }
+  }
+  block_sum_rows<M>(sum, scratch);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    sum[m] /= static_cast<float>(K);  // the mean
+    sq[m] = 0.f;
+    for (int v = threadIdx.x; mine && v < vecs; v += kLnThreads) {
+      Vec<T> a;
+      a.load(xs + m * K + v * VN);
+#pragma unroll
+      for (int j = 0; j < VN; ++j) { const float c = to_float(a.v[j]) - sum[m]; sq[m] += c * c; }
+    }
+  }
+  block_sum_rows<M>(sq, scratch);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float rstd = rsqrtf(sq[m] / static_cast<float>(K) + ln.eps);
+    for (int v = threadIdx.x; mine && v < vecs; v += kLnThreads) {
+      Vec<T> a, g, b;
+      a.load(xs + m * K + v * VN);
+      g.load(gs + v * VN);
+      b.load(bs + v * VN);
+#pragma unroll
+      for (int j = 0; j < VN; ++j)
+        a.v[j] = from_float<T>((to_float(a.v[j]) - sum[m]) * rstd * to_float(g.v[j]) + to_float(b.v[j]));
+      a.store(xs + m * K + v * VN);
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, int M, bool kLn>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
-                                                                int N, int K, int act, bool prefetch) {
+                                                                int N, int K, int act, bool prefetch, AddLn<T> ln) {
   constexpr int VN = Vec<T>::N, PRE = 32 / VN;  // PRE vectors per lane: 1024 elements of a row in fp16/bf16
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float scratch[kLn ? M * 32 : 1];
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const bool active = n < N;
@@ -35,7 +125,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   if (prefetch && active && K > kPreElems)
     prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
   const float bias_n = bias && active && lane < M ? to_float(bias[n]) : 0.f;  // a weight too: before the wait
+  T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
+  if constexpr (kLn) {
+    for (int v = threadIdx.x; v < K / VN; v += blockDim.x) {  // gamma and beta are weights: before the wait too
+      cp_async16(xs + (M * K) + v * VN, ln.gamma + v * VN, true);
+      cp_async16(xs + (M + 1) * K + v * VN, ln.beta + v * VN, true);
+    }
+    cp_async_commit();
+  }
   enter_after_predecessor();
+  if constexpr (kLn) {
+    cp_async_wait<0>();
+    __syncthreads();
+    add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
+    x = xs;
+  }
   if (!active) return;
   float acc[M];
 #pragma unroll
@@ -70,36 +174,67 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   }
 }
 
-template <typename T>
-int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, cudaStream_t stream) {
-  if (K % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
+template <typename T, int M>
+void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int act, const AddLn<T>* ln,
+                 cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
   const bool prefetch = int64_t(N) * K * int64_t(sizeof(T)) <= kPrefetchMaxBytes;
+  if (ln)
+    launch(gemv_kernel<T, M, true>, grid, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w, bias, y, N,
+           K, act, prefetch, *ln);
+  else
+    launch(gemv_kernel<T, M, false>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch,
+           AddLn<T>{});
+}
+
+template <typename T>
+int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, const AddLn<T>* ln,
+                cudaStream_t stream) {
+  if (K % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
+  if (ln && (K > kLnThreads * kLnMaxVecs * Vec<T>::N || size_t(rows + 2) * K * sizeof(T) > size_t(kLnMaxSmem)))
+    return MOETRT_ERR_BAD_SHAPE;
   switch (rows) {
-    case 1: launch(gemv_kernel<T, 1>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 2: launch(gemv_kernel<T, 2>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 3: launch(gemv_kernel<T, 3>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 4: launch(gemv_kernel<T, 4>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 5: launch(gemv_kernel<T, 5>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 6: launch(gemv_kernel<T, 6>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 7: launch(gemv_kernel<T, 7>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
-    case 8: launch(gemv_kernel<T, 8>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch); break;
+    case 1: launch_rows<T, 1>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 2: launch_rows<T, 2>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 3: launch_rows<T, 3>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 4: launch_rows<T, 4>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 5: launch_rows<T, 5>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 6: launch_rows<T, 6>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 7: launch_rows<T, 7>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 8: launch_rows<T, 8>(x, w, bias, y, N, K, act, ln, stream); break;
     default: return MOETRT_ERR_BAD_SHAPE;
   }
   return launch_status();
+}
+
+bool bad_gemv_args(int64_t rows, int64_t n, int64_t k, int activation) {
+  return rows < 0 || rows > 8 || n <= 0 || k <= 0 || n > 0x7fffffff || k > 0x7fffffff || activation < 0 ||
+         activation > 2;
 }
 
 }  // namespace
 
 MOETRT_API int moetrt_gemv(const void* x, const void* weight, const void* bias, void* y, int64_t rows, int64_t n,
                            int64_t k, int activation, int dtype, cudaStream_t stream) {
-  if (rows < 0 || rows > 8 || n <= 0 || k <= 0 || n > 0x7fffffff || k > 0x7fffffff || activation < 0 ||
-      activation > 2)
-    return MOETRT_ERR_BAD_SHAPE;
+  if (bad_gemv_args(rows, n, k, activation)) return MOETRT_ERR_BAD_SHAPE;
   if (rows == 0) return 0;
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     return launch_gemv<T>(static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
                           static_cast<T*>(y), static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k),
-                          activation, stream);
+                          activation, nullptr, stream);
+  })
+}
+
+MOETRT_API int moetrt_add_layernorm_gemv(const void* x, const void* delta, const void* gamma, const void* beta,
+                                         void* sum_out, const void* weight, const void* bias, void* y, int64_t rows,
+                                         int64_t n, int64_t k, float epsilon, int activation, int dtype,
+                                         cudaStream_t stream) {
+  if (bad_gemv_args(rows, n, k, activation)) return MOETRT_ERR_BAD_SHAPE;
+  if (rows == 0) return 0;
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    const AddLn<T> ln{static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
+                      static_cast<const T*>(beta), static_cast<T*>(sum_out), epsilon};
+    return launch_gemv<T>(nullptr, static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y),
+                          static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k), activation, &ln, stream);
   })
 }

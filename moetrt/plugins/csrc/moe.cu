@@ -502,13 +502,6 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
 }
 
 // ---- many tokens per expert: grouped GEMM on tensor cores (mma.sync, fp16/bf16 in, fp32 accumulate) ---------
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // mma.sync.m16n8k16 with fp32 accumulators: D = A (16x16, row-major) * B (16x8, "col": stored [n][k]) + D.
 template <typename T>

@@ -88,3 +88,13 @@ MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch,
 // before this call in the stream must not write them.
 MOETRT_API int moetrt_gemv(const void* x, const void* weight, const void* bias, void* y, int64_t rows, int64_t n,
                            int64_t k, int activation, int dtype, cudaStream_t stream);
+
+// moetrt_gemv over normed = LayerNorm(x + delta) (delta NULL: of x) as moetrt_add_layernorm computes it, without
+// storing normed: y = act(normed @ weight^T + bias); sum_out = x + delta when both are given. x, delta, sum_out
+// [rows, k]; gamma, beta [k]; k <= 1024 * (16 / sizeof(T)) and (rows + 2) * k * sizeof(T) <= 44 KB. y must not
+// overlap x, delta or sum_out (blocks write y while others still read them). weight, bias, gamma and beta are
+// read before waiting for the preceding kernel.
+MOETRT_API int moetrt_add_layernorm_gemv(const void* x, const void* delta, const void* gamma, const void* beta,
+                                         void* sum_out, const void* weight, const void* bias, void* y, int64_t rows,
+                                         int64_t n, int64_t k, float epsilon, int activation, int dtype,
+                                         cudaStream_t stream);
