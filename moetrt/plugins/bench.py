@@ -215,6 +215,42 @@ def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) 
     return rows
 
 
+def bench_gemv(ceil: dict, rows_list=(1, 4, 8), h=1024, f=4096) -> list[dict]:
+    """The decode GEMMs of the 350M preset (qkv, attention out, fc1 + GeLU, fc2) at 1-8 rows: our GEMV, and for
+    qkv and fc1 the GEMV with the LayerNorm before it fused in; PyTorch's F.linear (cuBLAS) and LayerNorm +
+    F.linear beside them. Floor: the weight bytes / copy bandwidth."""
+    torch = cuda_torch()
+    from moetrt.plugins import launch
+    dt = torch.float16
+    F = torch.nn.functional
+    out = []
+    g, b = torch.ones(h, device="cuda", dtype=dt), torch.zeros(h, device="cuda", dtype=dt)
+    for name, N, K, act in (("qkv", 3 * h, h, None), ("out", h, h, None), ("fc1", f, h, "gelu_tanh"),
+                            ("fc2", h, f, None)):
+        ws = [(torch.randn(N, K, device="cuda") / K ** 0.5).to(dt) for _ in range(ROTATE)]
+        bias = torch.randn(N, device="cuda", dtype=dt)
+        for M in rows_list:
+            xs = [torch.randn(M, K, device="cuda").to(dt) for _ in range(ROTATE)]
+            ds = [torch.randn(M, K, device="cuda").to(dt) for _ in range(ROTATE)]
+            y, s = torch.empty(M, N, device="cuda", dtype=dt), torch.empty(M, K, device="cuda", dtype=dt)
+            st = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+            ours = time_ms(lambda i: launch.gemv(xs[i], ws[i], bias, y, act or "none", stream=st()))
+            ref = (lambda z: F.gelu(z, approximate="tanh")) if act else (lambda z: z)
+            base = time_ms(lambda i: ref(F.linear(xs[i], ws[i], bias)))
+            nbytes = N * K * 2
+            fl = nbytes / ceil["copy_bytes_per_s"] * 1e3
+            row = {"kernel": "gemv", "gemm": name, "rows": M, "N": N, "K": K, "ms": ours, "floor_ms": fl,
+                   "x_floor": ours / fl, "torch_linear_ms": base}
+            if name in ("qkv", "fc1"):
+                row["fused_layernorm_ms"] = time_ms(lambda i: launch.add_layernorm_gemv(
+                    xs[i], ds[i], g, b, s, ws[i], bias, y, act or "none", stream=st()))
+                row["torch_layernorm_linear_ms"] = time_ms(
+                    lambda i: ref(F.linear(F.layer_norm(xs[i] + ds[i], (K,), g, b), ws[i], bias)))
+            out.append(row)
+        del ws
+    return out
+
+
 def bench_elementwise(ceil: dict, rows_n=4096, h=1024, f=4096) -> list[dict]:
     torch = cuda_torch()
     from moetrt.plugins import launch
@@ -245,7 +281,8 @@ def run(output: str | None = None) -> dict:
     torch = cuda_torch()
     ceil = measure_ceilings()
     result = {"device": torch.cuda.get_device_name(), "ceilings": ceil,
-              "moe": bench_moe(ceil), "attention": bench_attention(ceil), "elementwise": bench_elementwise(ceil)}
+              "moe": bench_moe(ceil), "attention": bench_attention(ceil), "gemv": bench_gemv(ceil),
+              "elementwise": bench_elementwise(ceil)}
     print(f"device: {result['device']}   copy bandwidth {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s   "
           f"fp16 matrix rate {ceil['fp16_flops_per_s'] / 1e12:.0f} TFLOP/s")
     print(f"{'kernel':18s} {'size':>14s} {'ms':>9s} {'floor ms':>9s} {'x floor':>8s} {'torch ms':>10s} {'torch/ours':>10s}")
@@ -259,6 +296,12 @@ def run(output: str | None = None) -> dict:
         print(f"{'attention_decode':18s} {'B=' + str(r['batch']) + ' L=' + str(r['cache_len']):>14s} {r['ms']:9.4f} "
               f"{r['floor_ms']:9.4f} {r['x_floor']:8.2f} {r['torch_sdpa_ms']:10.4f} {r['torch_sdpa_ms'] / r['ms']:10.1f}"
               f"   no-PDL {r['ms_no_pdl']:.4f} ms")
+    for r in result["gemv"]:
+        fused = (f"   LayerNorm fused {r['fused_layernorm_ms']:.4f} ms, torch LayerNorm + linear "
+                 f"{r['torch_layernorm_linear_ms']:.4f} ms" if "fused_layernorm_ms" in r else "")
+        print(f"{'gemv ' + r['gemm']:18s} {str(r['rows']) + 'x' + str(r['N']) + 'x' + str(r['K']):>14s} {r['ms']:9.4f} "
+              f"{r['floor_ms']:9.4f} {r['x_floor']:8.2f} {r['torch_linear_ms']:10.4f} "
+              f"{r['torch_linear_ms'] / r['ms']:10.1f}{fused}")
     for r in result["elementwise"]:
         size = f"{r['rows']}x{r.get('hidden', r.get('cols'))}"
         print(f"{r['kernel']:18s} {size:>14s} {r['ms']:9.4f} {r['floor_ms']:9.4f} {r['x_floor']:8.2f} "

@@ -22,6 +22,13 @@ constexpr int64_t kPrefetchMaxBytes = 24 << 20;
 // (dynamic; with the static reduction scratch, under the 48 KB a launch gets without opting in).
 constexpr int kLnThreads = 128, kLnMaxVecs = 8;
 constexpr int kLnMaxSmem = 44 << 10;
+// Rows of x up to which the plain GEMV first copies x into shared memory (one round trip to L2 for the block)
+// instead of loading it beside each weight vector. Measured on an H100 (docs/performance.md): the 350M batch-1
+// decode graph 0.721 ms staged vs 0.742; batch 8 1.567 staged vs 1.545, though 8-row GEMVs alone ran faster.
+#ifndef MOETRT_GEMV_STAGE_MAX_ROWS
+#define MOETRT_GEMV_STAGE_MAX_ROWS 4
+#endif
+constexpr int kStageMaxRows = MOETRT_GEMV_STAGE_MAX_ROWS;
 
 template <typename T>
 struct AddLn {  // normed = LayerNorm(x + delta) * gamma + beta, sum_out = x + delta (block 0; when both given)
@@ -55,21 +62,29 @@ __device__ void add_layernorm_rows(const AddLn<T>& ln, T* xs, const T* gs, const
   constexpr int VN = Vec<T>::N;
   const int vecs = K / VN;
   const bool mine = threadIdx.x < kLnThreads, writer = blockIdx.x == 0 && ln.delta && ln.sum_out;
+  constexpr int G = M < 2 ? M : 2;  // rows whose loads are in flight together (more: registers past 64)
   float sum[M], sq[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    sum[m] = 0.f;
-    for (int v = threadIdx.x; mine && v < vecs; v += kLnThreads) {
-      Vec<T> a, d;
-      a.load(ln.x + int64_t(m) * K + v * VN);
-      if (ln.delta) d.load(ln.delta + int64_t(m) * K + v * VN);
+  for (int m = 0; m < M; ++m) sum[m] = 0.f;
+  for (int v = threadIdx.x; mine && v < vecs; v += kLnThreads) {
 #pragma unroll
-      for (int j = 0; j < VN; ++j) {
-        if (ln.delta) a.v[j] = from_float<T>(to_float(a.v[j]) + to_float(d.v[j]));  // the residual stream, in T
-        sum[m] += to_float(a.v[j]);
+    for (int m0 = 0; m0 < M; m0 += G) {
+      Vec<T> a[G], d[G];
+#pragma unroll
+      for (int g = 0; g < G && m0 + g < M; ++g) {
+        a[g].load(ln.x + int64_t(m0 + g) * K + v * VN);
+        if (ln.delta) d[g].load(ln.delta + int64_t(m0 + g) * K + v * VN);
       }
-      a.store(xs + m * K + v * VN);
-      if (writer) a.store(ln.sum_out + int64_t(m) * K + v * VN);
+#pragma unroll
+      for (int g = 0; g < G && m0 + g < M; ++g) {
+#pragma unroll
+        for (int j = 0; j < VN; ++j) {
+          if (ln.delta) a[g].v[j] = from_float<T>(to_float(a[g].v[j]) + to_float(d[g].v[j]));  // residual, in T
+          sum[m0 + g] += to_float(a[g].v[j]);
+        }
+        a[g].store(xs + (m0 + g) * K + v * VN);
+        if (writer) a[g].store(ln.sum_out + int64_t(m0 + g) * K + v * VN);
+      }
     }
   }
   block_sum_rows<M>(sum, scratch);
@@ -102,7 +117,7 @@ __device__ void add_layernorm_rows(const AddLn<T>& ln, T* xs, const T* gs, const
   __syncthreads();
 }
 
-template <typename T, int M, bool kLn>
+template <typename T, int M, bool kLn, bool kStage = false>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
                                                                 int N, int K, int act, bool prefetch, AddLn<T> ln) {
@@ -138,6 +153,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     cp_async_wait<0>();
     __syncthreads();
     add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
+    x = xs;
+  } else if constexpr (kStage) {
+    for (int v = threadIdx.x; v < M * K / VN; v += blockDim.x) cp_async16(xs + v * VN, x + v * VN, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
     x = xs;
   }
   if (!active) return;
@@ -182,6 +203,9 @@ void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int 
   if (ln)
     launch(gemv_kernel<T, M, true>, grid, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w, bias, y, N,
            K, act, prefetch, *ln);
+  else if (M <= kStageMaxRows && size_t(M) * K * sizeof(T) <= size_t(kLnMaxSmem))
+    launch(gemv_kernel<T, M, false, true>, grid, kGemvWarps * 32, size_t(M) * K * sizeof(T), stream, x, w, bias,
+           y, N, K, act, prefetch, AddLn<T>{});
   else
     launch(gemv_kernel<T, M, false>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch,
            AddLn<T>{});
