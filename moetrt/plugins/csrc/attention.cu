@@ -19,8 +19,12 @@ using namespace moetrt;
 
 namespace {
 
-constexpr int kChunk = 128;        // keys per decode block
-constexpr int kDecodeThreads = 128;
+// Keys per decode block, and its threads: 256 and 256 against 128 and 128, on an H100 (docs/performance.md):
+// 350M decode graphs 0.674 / 1.508 / 2.359 ms at batch 1 / 8 / 32 vs 0.722 / 1.548 / 2.393 (contexts of 129-256
+// need no combining of splits), cache 2048 unchanged. 256 keys with 128 threads (half the keys loaded after the
+// wait) measured slower than 128 and 128.
+constexpr int kChunk = 256;
+constexpr int kDecodeThreads = 256;
 constexpr int kMaxHeadDim = 128;
 constexpr int kMaxSplits = 256;    // max_seq <= kMaxSplits * kChunk
 
