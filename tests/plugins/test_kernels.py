@@ -246,6 +246,14 @@ def test_moe_decode_350m_shape(dtype, N, top_k):
     run_moe(dtype, N, top_k=top_k, seed=N)
 
 
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("E", [5, 64, 100])
+def test_moe_one_token_top1_routes_inside_the_gemvs(dtype, E):
+    """One token, top-1 (the expert GEMVs take the expert from the gate logits themselves): expert counts below,
+    at and above a warp's lanes, a residual, and a capacity factor (one token is never dropped)."""
+    run_moe(dtype, 1, E, 256, 512, 1, capacity=0.5, min_capacity=1, residual=True, seed=E)
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("N, top_k", [(129, 1), (300, 2), (1024, 1)])
 def test_moe_prefill_grouped_gemm(dtype, N, top_k):

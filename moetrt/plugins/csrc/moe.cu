@@ -5,7 +5,7 @@
 // Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
 //  - few assignments (decode, <= kGemvMaxAssignments; fp32 always): a persistent GEMV over (active expert, 4-row
 //    chunk) work items that reads each hit expert's weights once with 16-byte loads and applies them to up to 4
-//    of its tokens at a time;
+//    of its tokens at a time; one token with top-1 (batch-1 decode) skips the routing kernel: gate, FC1, FC2;
 //  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
 #include <type_traits>
@@ -231,6 +231,29 @@ __global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
   if (t < tokens) warp_topk(w, t, tokens, experts, top_k);
 }
 
+// Top-1 of one token's logits on every lane of the warp, with warp_topk's arithmetic (the same expert and
+// probability bits): the expert GEMVs of a one-token top-1 layer route for themselves.
+__device__ __forceinline__ void warp_top1(const float* __restrict__ l, int experts, int& arg, float& prob) {
+  const int lane = threadIdx.x & 31;
+  float m = -INFINITY;
+  for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int e = lane; e < experts; e += 32) sum += expf(l[e] - m);
+  sum = warp_sum(sum);
+  float best = -INFINITY;
+  arg = 0x7fffffff;
+  for (int e = lane; e < experts; e += 32)
+    if (l[e] > best) { best = l[e]; arg = e; }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+  }
+  prob = expf(best - m) / sum;
+}
+
 // ---- routing (one block): stable per-expert locations, capacity, offsets, the compact list of active experts,
 // and the permutation --------------------------------------------------------------------------------------------
 // With fused_topk (few tokens: decode) the block's warps first do softmax + top-k, saving a launch.
@@ -391,16 +414,19 @@ __device__ void pass_dropped(const Workspace& w, const T* __restrict__ residual,
 }
 
 // ---- few tokens per expert: persistent GEMV, a warp per (active expert, group of RG output rows) ------------------
+// kSingle (one token, top-1, which capacity never drops): no routing kernel runs; every warp takes the expert and
+// its probability from the gate logits itself (warp_top1), the token is 0 and its activation row 0.
 // FC1: act[p, r] = act(W1[e][r] · x[token(p)] + b1[e][r]);  FC2: y[p, r] = W2[e][r] · act[p] + b2[e][r], or with
 // kOut (top-1, the finalize fused in): out[t, r] = residual[t, r] + prob[t] * (W2[e][r] · act[p] + b2[e][r]) for
 // t = perm[p], and (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
 // Each lane issues 16 sixteen-byte weight loads (RG rows x CV vectors) before using any, the first ones as soon as
 // the expert is known (before its token list is read); the weights are read once per expert, the token vectors
 // (at most kGemvTok at a time) come from L1/L2.
-template <typename T, bool FC1, int RG, bool kOut>
+template <typename T, bool FC1, int RG, bool kOut, bool kSingle = false>
 __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
-    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
+    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind,
+    int experts) {
   constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kGemvTok;
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
   enter_after_predecessor();
@@ -408,10 +434,13 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
   const int warps = gridDim.x * (blockDim.x >> 5);
   const int KV = K / VN, vpl = (KV + 31) / 32;
   const int groups = (rows + RG - 1) / RG;
-  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
-  const int total = w.active[0] * groups;
+  if (kOut && may_drop && !kSingle) pass_dropped(w, residual, out, tokens, rows);
+  int single_e = 0;
+  float single_p = 0.f;
+  if constexpr (kSingle) warp_top1(w.logits, experts, single_e, single_p);
+  const int total = (kSingle ? 1 : w.active[0]) * groups;
   for (int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); item < total; item += warps) {
-    const int e = w.active[1 + item / groups], row0 = (item % groups) * RG;
+    const int e = kSingle ? single_e : w.active[1 + item / groups], row0 = (item % groups) * RG;
     const T* W = weight + (int64_t(e) * rows + row0) * K;
     Vec<T> wv[RG][CV];
     auto load_weights = [&](int c0) {
@@ -427,7 +456,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
     float bias_r[RG];  // with the weights, not after the dot products
 #pragma unroll
     for (int r = 0; r < RG; ++r) bias_r[r] = row0 + r < rows ? to_float(bias[int64_t(e) * rows + row0 + r]) : 0.f;
-    const int count = w.counts[e], off = w.offsets[e];
+    const int count = kSingle ? 1 : w.counts[e], off = kSingle ? 0 : w.offsets[e];
     for (int t0 = 0; t0 < count; t0 += TOK) {
       const int nt = min(TOK, count - t0);
       const T* src[TOK];
@@ -436,7 +465,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
 #pragma unroll
       for (int j = 0; j < TOK; ++j) {
         const int p = off + t0 + min(j, nt - 1);
-        if (FC1 || kOut) tok[j] = w.perm[p] % tokens;
+        if (FC1 || kOut) tok[j] = kSingle ? 0 : w.perm[p] % tokens;
         src[j] = input + int64_t(FC1 ? tok[j] : p) * K;
 #pragma unroll
         for (int r = 0; r < RG; ++r) acc[r][j] = 0.f;
@@ -471,7 +500,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
                 static_cast<T*>(w.act)[p * rows + row0 + r] = from_float<T>(activate(s, act_kind));
               } else if (kOut) {
                 const int64_t o = int64_t(tok[j]) * rows + row0 + r;
-                const float v = w.prob[tok[j]] * s;
+                const float v = (kSingle ? single_p : w.prob[tok[j]]) * s;
                 out[o] = from_float<T>(residual ? v + to_float(residual[o]) : v);
               } else {
                 w.y[p * rows + row0 + r] = s;
@@ -483,7 +512,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
   }
 }
 
-template <typename T, bool FC1, bool kOut = false>
+template <typename T, bool FC1, bool kOut = false, bool kSingle = false>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
                  bool programmatic, cudaStream_t stream) {
@@ -494,11 +523,11 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
   const int64_t max_items = int64_t(std::min(assignments, experts)) * ((rows + rows_per_warp - 1) / rows_per_warp);
   const int grid = static_cast<int>(std::min<int64_t>(sm_count() * 8, (max_items + 7) / 8));
   if (!FC1 && assignments <= 2)
-    launch_if(programmatic, expert_gemv_kernel<T, FC1, 1, kOut>, grid, kGemvThreads, 0, stream, input, weight, bias,
-              w, residual, out, may_drop, tokens, rows, K, act_kind);
+    launch_if(programmatic, expert_gemv_kernel<T, FC1, 1, kOut, kSingle>, grid, kGemvThreads, 0, stream, input,
+              weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind, experts);
   else
-    launch_if(programmatic, expert_gemv_kernel<T, FC1, 4, kOut>, grid, kGemvThreads, 0, stream, input, weight, bias,
-              w, residual, out, may_drop, tokens, rows, K, act_kind);
+    launch_if(programmatic, expert_gemv_kernel<T, FC1, 4, kOut, kSingle>, grid, kGemvThreads, 0, stream, input,
+              weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind, experts);
 }
 
 // ---- many tokens per expert: grouped GEMM on tensor cores (mma.sync, fp16/bf16 in, fp32 accumulate) ---------
@@ -844,6 +873,13 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
     launch_if(programmatic, gate_logits_kernel<T>,
               dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
               stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
+  }
+  if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
+    launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
+                                      experts, programmatic, stream);
+    launch_gemv<T, false, true, true>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, residual, out, false, 1, h, f,
+                                      act_kind, 1, experts, programmatic, stream);
+    return launch_status();
   }
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
