@@ -318,6 +318,12 @@ class CudaEngine:
         default_rows = None
         fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= launch.GEMV_MAX_ROWS else {}
         pending = {}  # GEMM op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
+
+        def layernorm(index: int, ln: tuple) -> None:  # launched now, or deferred into the GEMM it feeds
+            if index in fusable:
+                pending[fusable[index]] = ln
+            else:
+                launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
         for index, op in enumerate(p.ops):
             ins, outs = op.inputs, op.outputs
             if op.kind == "all_reduce":
@@ -363,23 +369,16 @@ class CudaEngine:
                 emb = self._view(outs[0], (N, h))
                 launches.append(launch.embedding(self._view(ids, (N,)), self._view(pos, (N,)), self._view(wte, ()),
                                                  self._view(wpe, ()), emb, stream=s, defer=True))
-                ln = ((emb, None, self._view(gamma, ()), self._view(beta, ()), None, self._view(outs[1], (N, h))),
-                      {"epsilon": op.attrs["epsilon"], "stream": s})
-                if index in fusable:
-                    pending[fusable[index]] = ln
-                else:
-                    launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
+                layernorm(index, ((emb, None, self._view(gamma, ()), self._view(beta, ()), None,
+                                   self._view(outs[1], (N, h))), {"epsilon": op.attrs["epsilon"], "stream": s}))
             elif op.kind == "add_layernorm":
                 x, delta, gamma, beta = ins
                 h = shapes[x][-1]
                 n = int(np.prod(shapes[x][:-1]))
-                ln = ((self._view(x, (n, h)), self._view(delta, (n, h)) if delta else None, self._view(gamma, ()),
-                       self._view(beta, ()), self._view(outs[0], (n, h)) if delta else None,
-                       self._view(outs[1], (n, h))), {"epsilon": op.attrs["epsilon"], "stream": s})
-                if index in fusable:
-                    pending[fusable[index]] = ln
-                else:
-                    launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
+                layernorm(index, ((self._view(x, (n, h)), self._view(delta, (n, h)) if delta else None,
+                                   self._view(gamma, ()), self._view(beta, ()),
+                                   self._view(outs[0], (n, h)) if delta else None, self._view(outs[1], (n, h))),
+                                  {"epsilon": op.attrs["epsilon"], "stream": s}))
             elif op.kind == "gemm":
                 x, w, bias = ins
                 K, Nout = op.attrs["K"], op.attrs["N"]

@@ -131,13 +131,9 @@ def _float_dtypes() -> tuple[str, ...]:
     return tuple(DTYPE_CODES)
 
 
-def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
-    """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
-    a = DeviceArray.of(x, "x")
-    if len(a.shape) != 2:
-        raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
+def _add_layernorm_operands(a: DeviceArray, delta, sum_out, gamma, beta):
+    """delta, sum_out (None or [rows, hidden], sum_out required with delta), gamma and beta ([hidden]) of x ``a``."""
     rows, hidden = a.shape
-    _expect(a, "x", (rows, hidden), _float_dtypes())
     d = None if delta is None else DeviceArray.of(delta, "delta")
     s = None if sum_out is None else DeviceArray.of(sum_out, "sum_out")
     for arr, name in ((d, "delta"), (s, "sum_out")):
@@ -145,9 +141,21 @@ def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5,
             _expect(arr, name, (rows, hidden), (a.dtype,))
     if d is not None and s is None:
         raise KernelError("sum_out: required when delta is given")
-    g, b, n = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta"), DeviceArray.of(normed, "normed")
+    g, b = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta")
     _expect(g, "gamma", (hidden,), (a.dtype,))
     _expect(b, "beta", (hidden,), (a.dtype,))
+    return d, s, g, b
+
+
+def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
+    """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
+    a = DeviceArray.of(x, "x")
+    if len(a.shape) != 2:
+        raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
+    rows, hidden = a.shape
+    _expect(a, "x", (rows, hidden), _float_dtypes())
+    d, s, g, b = _add_layernorm_operands(a, delta, sum_out, gamma, beta)
+    n = DeviceArray.of(normed, "normed")
     _expect(n, "normed", (rows, hidden), (a.dtype,))
     return _launch("moetrt_add_layernorm", (a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None, n.ptr,
                                       rows, hidden, epsilon, DTYPE_CODES[a.dtype], stream,), "add_layernorm", defer)
@@ -342,19 +350,10 @@ def add_layernorm_gemv(x, delta, gamma, beta, sum_out, weight, bias, y, activati
                           f"(rows + 2) * K elements in 44 KB, K a multiple of 16 bytes)")
     _expect(w, "weight", (N, K), (a.dtype,))
     _expect(o, "y", (M, N), (a.dtype,))
-    d = None if delta is None else DeviceArray.of(delta, "delta")
-    s = None if sum_out is None else DeviceArray.of(sum_out, "sum_out")
-    for arr, name in ((d, "delta"), (s, "sum_out")):
-        if arr is not None:
-            _expect(arr, name, (M, K), (a.dtype,))
-    if d is not None and s is None:
-        raise KernelError("sum_out: required when delta is given")
+    d, s, g, bt = _add_layernorm_operands(a, delta, sum_out, gamma, beta)
     for arr, name in ((a, "x"), (d, "delta"), (s, "sum_out")):
         if arr is not None and _overlap(arr, o):
             raise KernelError(f"add_layernorm_gemv: y overlaps {name}")
-    g, bt = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta")
-    _expect(g, "gamma", (K,), (a.dtype,))
-    _expect(bt, "beta", (K,), (a.dtype,))
     b = None
     if bias is not None:
         b = DeviceArray.of(bias, "bias")

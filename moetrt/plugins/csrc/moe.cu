@@ -196,28 +196,42 @@ __global__ void __launch_bounds__(kGateThreads) gate_logits_tiled_kernel(const T
 }
 
 // ---- softmax + top-k, a warp per token (ties: the lowest expert index) -------------------------------------------
-__device__ void warp_topk(const Workspace& w, int t, int tokens, int experts, int top_k) {
+// The softmax's max and normaliser of one token's logits, on every lane.
+__device__ __forceinline__ void warp_softmax_stats(const float* __restrict__ l, int experts, float& m, float& sum) {
   const int lane = threadIdx.x & 31;
-  const float* l = w.logits + int64_t(t) * experts;
-  float m = -INFINITY;
+  m = -INFINITY;
   for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
   m = warp_max(m);
-  float sum = 0.f;
+  sum = 0.f;
   for (int e = lane; e < experts; e += 32) sum += expf(l[e] - m);
   sum = warp_sum(sum);
+}
+
+// The largest logit other than `skip` and its expert, on every lane.
+__device__ __forceinline__ void warp_argmax(const float* __restrict__ l, int experts, int skip, float& best, int& arg) {
+  const int lane = threadIdx.x & 31;
+  best = -INFINITY;
+  arg = 0x7fffffff;
+  for (int e = lane; e < experts; e += 32)
+    if (e != skip && l[e] > best) { best = l[e]; arg = e; }  // increasing e: ties keep the lowest
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+  }
+}
+
+__device__ void warp_topk(const Workspace& w, int t, int tokens, int experts, int top_k) {
+  const float* l = w.logits + int64_t(t) * experts;
+  float m, sum;
+  warp_softmax_stats(l, experts, m, sum);
   int first = -1;
   for (int k = 0; k < top_k; ++k) {
-    float best = -INFINITY;
-    int arg = 0x7fffffff;
-    for (int e = lane; e < experts; e += 32)
-      if (e != first && l[e] > best) { best = l[e]; arg = e; }  // increasing e: ties keep the lowest
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
-      if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-    }
-    if (lane == 0) {
+    float best;
+    int arg;
+    warp_argmax(l, experts, first, best, arg);
+    if ((threadIdx.x & 31) == 0) {
       w.expert_of[k * tokens + t] = arg;
       w.prob[k * tokens + t] = expf(best - m) / sum;
     }
@@ -234,23 +248,9 @@ __global__ void topk_kernel(Workspace w, int tokens, int experts, int top_k) {
 // Top-1 of one token's logits on every lane of the warp, with warp_topk's arithmetic (the same expert and
 // probability bits): the expert GEMVs of a one-token top-1 layer route for themselves.
 __device__ __forceinline__ void warp_top1(const float* __restrict__ l, int experts, int& arg, float& prob) {
-  const int lane = threadIdx.x & 31;
-  float m = -INFINITY;
-  for (int e = lane; e < experts; e += 32) m = fmaxf(m, l[e]);
-  m = warp_max(m);
-  float sum = 0.f;
-  for (int e = lane; e < experts; e += 32) sum += expf(l[e] - m);
-  sum = warp_sum(sum);
-  float best = -INFINITY;
-  arg = 0x7fffffff;
-  for (int e = lane; e < experts; e += 32)
-    if (l[e] > best) { best = l[e]; arg = e; }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
-    if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-  }
+  float m, sum, best;
+  warp_softmax_stats(l, experts, m, sum);
+  warp_argmax(l, experts, -1, best, arg);
   prob = expf(best - m) / sum;
 }
 
