@@ -3,7 +3,8 @@
     python3 tools/engine_ab.py ENGINE [--batch 1,8,32] [--rounds 2] SETTING [SETTING ...]
 
 A SETTING is a space-separated list of environment assignments (e.g. "MOETRT_KERNELS_LIB=/path/lib.so"; "-" for
-none), or "PY:" and a Python statement the child runs before it opens the runtime (e.g.
+none; "ENGINE_AB_ENGINE=DIR" runs that engine directory instead, e.g. a copy re-tuned with another library),
+optionally followed by "PY:" and a Python statement the child runs before it opens the runtime (e.g.
 "PY:from moetrt.engines.cuda_backend import CudaEngine as C; C.fuse_layernorm = False"). Rounds alternate the settings, each in its own process: the
 runtime generates from 128-token prompts to capture the decode graph of each batch size, then times 200 replays
 of it. Prints the milliseconds per replay of every round and JSON of the medians."""
@@ -23,7 +24,7 @@ def child(engine: str, batches: list[int]) -> None:
     from moetrt.engines import cuda
     from moetrt.engines.runtime import Runtime
     res = {}
-    with Runtime(engine, device="cuda") as rt:
+    with Runtime(os.environ.get("ENGINE_AB_ENGINE", engine), device="cuda") as rt:
         rng = np.random.default_rng(0)
         for B in batches:
             prompts = rng.integers(0, rt.config.vocab_size, (B, 128)).tolist()
@@ -44,10 +45,10 @@ def main() -> None:
     for r in range(a.rounds):
         for s in a.settings:
             env = dict(os.environ)
-            if s.startswith("PY:"):
-                env["ENGINE_AB_PY"] = s[3:]
-            else:
-                env.update(kv.split("=", 1) for kv in s.split() if kv != "-")
+            assignments, _, py = s.partition("PY:")
+            env.update(kv.split("=", 1) for kv in assignments.split() if kv != "-")
+            if py:
+                env["ENGINE_AB_PY"] = py
             p = subprocess.run([sys.executable, __file__, "--child", a.engine, a.batch], env=env, text=True,
                                capture_output=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -67,6 +67,10 @@ class StepPlan:
 
 class CudaEngine:
     fuse_layernorm = True  # a LayerNorm and the GEMV reading it as one kernel (decode plans; see plan)
+    # ... up to this many rows: every block of the fused kernel re-reads the rows to normalise, which from 4 rows
+    # costs more than the separate LayerNorm (H100, 350M QKV: fused 4.3 / 5.2 / 6.6 / 9.3 us at 1 / 2 / 4 / 8
+    # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/performance.md)
+    fuse_layernorm_max_rows = 2
 
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
@@ -297,9 +301,10 @@ class CudaEngine:
         return buf.view(shape, self.dtype)
 
     def use_gemv(self, key: str, M: int) -> bool:
-        """Our GEMV kernel or cuBLASLt for a decode-sized GEMM: as tuned on this GPU, else GEMV up to 4 rows
-        (measured on the H100: GEMV 3.9 µs vs cuBLASLt 5-8 µs per GEMM at 1 row, 6.9 vs 5.9 µs at 8 rows)."""
-        return self.gemm_ctx.gemv.get(key, M <= 4)
+        """Our GEMV kernel or cuBLASLt for a decode-sized GEMM: as tuned on this GPU, else the GEMV (in fp32,
+        up to 4 rows). Measured on the H100 for the 350M GEMMs: GEMV 1.5-3.1 µs vs cuBLASLt 3.6-5.9 µs at 1 row;
+        at 8 rows the tensor-core GEMV (fp16/bf16) 1.7-4.8 µs vs 3.6-5.9 µs."""
+        return self.gemm_ctx.gemv.get(key, M <= 4 or self.dtype != "fp32")
 
     def plan(self, B: int, T: int, rows: int | None = None, gemv: bool | None = None) -> StepPlan:
         """The launch plan of a step of B sequences × T new tokens; ``rows``: the number of logit rows to
@@ -316,7 +321,7 @@ class CudaEngine:
         launches, gemms, candidates = [], [], []
         N = B * T
         default_rows = None
-        fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= launch.GEMV_MAX_ROWS else {}
+        fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= self.fuse_layernorm_max_rows else {}
         pending = {}  # GEMM op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
 
         def layernorm(index: int, ln: tuple) -> None:  # launched now, or deferred into the GEMM it feeds
