@@ -60,6 +60,43 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// GEMV on tensor cores (gemv.cu's gemv_mma_kernel, moe.cu's expert_mma_kernel): up to 16 rows of x are the
+// A operand of mma.m16n8k16 and 8 weight rows the B operand. Lane (g, t) = (lane / 4, lane % 4) loads 16 bytes of
+// weight row g and of x rows g and g + 8 at the same k; which k a fragment element stands for is free as long as
+// A and B agree (it only orders the dot product), so a lane's 8 consecutive elements serve as its (2t, 2t + 1,
+// 2t + 8, 2t + 9) of two k16 steps and every load stays 16 bytes. A chunk is kMmaChunk consecutive elements of
+// K: 4 lanes (t) x kMmaVecs vectors x 8.
+constexpr int kMmaVecs = 4, kMmaChunk = 32 * kMmaVecs;
+
+// Weight row `row` (nullptr: zeros), chunk c, into this lane's vectors (zeros past K).
+template <typename T>
+__device__ __forceinline__ void mma_gemv_load(Vec<T> (&wv)[kMmaVecs], const T* row, int c, int K, int t) {
+#pragma unroll
+  for (int u = 0; u < kMmaVecs; ++u) {
+    const int k = c * kMmaChunk + (t + 4 * u) * 8;
+    if (row && k < K) wv[u].load_global_nc(row + k);
+    else wv[u].raw = make_uint4(0, 0, 0, 0);
+  }
+}
+// acc += x rows (x0: A row g, x1: A row g + 8; nullptr: zeros) times the weights of chunk c. acc[0], acc[1]: A row g,
+// outputs 2t and 2t + 1 of the 8; acc[2], acc[3]: A row g + 8.
+template <typename T>
+__device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&wv)[kMmaVecs], const T* x0,
+                                               const T* x1, int c, int K, int t) {
+#pragma unroll
+  for (int u = 0; u < kMmaVecs; ++u) {
+    const int k = c * kMmaChunk + (t + 4 * u) * 8;
+    Vec<T> a, b;
+    if (x0 && k < K) a.load(x0 + k);
+    else a.raw = make_uint4(0, 0, 0, 0);
+    if (x1 && k < K) b.load(x1 + k);
+    else b.raw = make_uint4(0, 0, 0, 0);
+    const uint32_t f0[4] = {a.raw.x, b.raw.x, a.raw.y, b.raw.y}, f1[4] = {a.raw.z, b.raw.z, a.raw.w, b.raw.w};
+    mma_16816<T>(acc, f0, wv[u].raw.x, wv[u].raw.y);
+    mma_16816<T>(acc, f1, wv[u].raw.z, wv[u].raw.w);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -199,50 +199,37 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 // ---- 2 to 8 rows of fp16/bf16: tensor cores ------------------------------------------------------------------
 // At 8 rows gemv_kernel issues 8 loads of x and 64 FMAs (with their conversions) per 16-byte weight vector and is
 // bound by them, not by the weights (350M QKV: 7.7 us against F.linear's 6.2). Here mma.m16n8k16 computes the
-// products: x is A (row m = x's row m; rows M..15 are zeros) and the block's 8 weight rows are B. A block covers
-// 8 outputs; its warps split K in chunks of kMmaChunk elements (warp i takes chunks i, i + 8, ...), and lane
-// (g, t) = (lane / 4, lane % 4) loads 16 bytes of weight row g and 16 bytes of x row g at the same k. Which k a
-// fragment element stands for is free as long as A and B agree (it only orders the dot product), so a lane's 8
-// consecutive elements serve as its (2t, 2t+1, 2t+8, 2t+9) of two k16 steps, and every load stays 16 bytes.
-// The warps' partial sums meet in shared memory, added in a fixed order. Weights and bias are read before the
-// wait, as in gemv_kernel: the warp's first kPre chunks into registers (kPre = 4 for K > 1024, where a warp has
-// several chunks: 2 blocks an SM then), the rest of its chunks into L2. fp32 accumulation.
+// products (common.cuh: mma_gemv_chunk), x's rows being A's rows 0..M-1 and the block's 8 weight rows B: one
+// 16-byte load of x per weight vector. A block covers 8 outputs; its warps split K (warp i takes chunks i, i + 8,
+// ...), and their partial sums meet in shared memory, added in a fixed order. Weights and bias are read before
+// the wait, as in gemv_kernel: the warp's first kPre chunks into registers (kPre = 4 for K > 1024, where a warp
+// has several chunks: 2 blocks an SM then), the rest of its chunks into L2. fp32 accumulation.
 #ifndef MOETRT_GEMV_MMA_MIN_ROWS
 #define MOETRT_GEMV_MMA_MIN_ROWS 2
 #endif
 constexpr int kMmaMinRows = MOETRT_GEMV_MMA_MIN_ROWS;
-constexpr int kMmaVecs = 4, kMmaChunk = 32 * kMmaVecs;  // elements: 4 lanes (t) x 4 vectors x 8
 
 template <typename T, int M, bool kLn, int kPre>
 __global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_kernel(const T* __restrict__ x,
-                                                                    const T* __restrict__ w,
-                                                                    const T* __restrict__ bias, T* __restrict__ y,
-                                                                    int N, int K, int act, bool prefetch,
-                                                                    AddLn<T> ln) {
+                                                                                     const T* __restrict__ w,
+                                                                                     const T* __restrict__ bias,
+                                                                                     T* __restrict__ y, int N, int K,
+                                                                                     int act, bool prefetch,
+                                                                                     AddLn<T> ln) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 8 && Vec<T>::N == 8, "8 rows of x at most, 16-bit elements");
-  constexpr int U = kMmaVecs, CH = kMmaChunk;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
   __shared__ float part[kGemvWarps][M][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 8, chunks = (K + CH - 1) / CH;
-  const bool row_ok = n0 + g < N;
-  const T* wrow = w + int64_t(row_ok ? n0 + g : 0) * K;
-  auto load_w = [&](Vec<T>(&wv)[U], int c) {
+  const int n0 = blockIdx.x * 8, chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  const T* wrow = n0 + g < N ? w + int64_t(n0 + g) * K : nullptr;
+  Vec<T> pre[kPre][kMmaVecs];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = c * CH + (t + 4 * u) * 8;
-      if (row_ok && k < K) wv[u].load_global_nc(wrow + k);
-      else wv[u].raw = make_uint4(0, 0, 0, 0);
-    }
-  };
-  Vec<T> pre[kPre][U];
-#pragma unroll
-  for (int i = 0; i < kPre; ++i) load_w(pre[i], warp + i * kGemvWarps);  // past K: zeros
-  if (prefetch && row_ok && t < 2)
+  for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i], wrow, warp + i * kGemvWarps, K, t);  // past K: zeros
+  if (prefetch && wrow && t < 2)
     for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps)
-      if (c * CH + t * 64 < K) prefetch_l2(wrow + c * CH + t * 64);
+      if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow + c * kMmaChunk + t * 64);
   const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // this thread writes y[m_out, n0 + r_out]
   const bool writer = m_out < M && n0 + r_out < N;
   const float bias_v = bias && writer ? to_float(bias[n0 + r_out]) : 0.f;
@@ -261,28 +248,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_k
     add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
     x = xs;
   }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // [0], [1]: row g of x, outputs n0 + 2t and n0 + 2t + 1
-  const T* xrow = x + int64_t(g < M ? g : 0) * K;
-  auto mma_chunk = [&](const Vec<T>(&wv)[U], int c) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = c * CH + (t + 4 * u) * 8;
-      Vec<T> xv;
-      if (g < M && k < K) xv.load(xrow + k);
-      else xv.raw = make_uint4(0, 0, 0, 0);
-      const uint32_t a0[4] = {xv.raw.x, 0u, xv.raw.y, 0u}, a1[4] = {xv.raw.z, 0u, xv.raw.w, 0u};
-      mma_16816<T>(acc, a0, wv[u].raw.x, wv[u].raw.y);
-      mma_16816<T>(acc, a1, wv[u].raw.z, wv[u].raw.w);
-    }
-  };
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const T* xrow = g < M ? x + int64_t(g) * K : nullptr;
 #pragma unroll
   for (int i = 0; i < kPre; ++i)
-    if (warp + i * kGemvWarps < chunks) mma_chunk(pre[i], warp + i * kGemvWarps);
+    if (warp + i * kGemvWarps < chunks) mma_gemv_chunk<T>(acc, pre[i], xrow, nullptr, warp + i * kGemvWarps, K, t);
 #pragma unroll 2
   for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps) {
-    Vec<T> wv[U];
-    load_w(wv, c);
-    mma_chunk(wv, c);
+    Vec<T> wv[kMmaVecs];
+    mma_gemv_load(wv, wrow, c, K, t);
+    mma_gemv_chunk<T>(acc, wv, xrow, nullptr, c, K, t);
   }
   if (g < M) {
     part[warp][g][2 * t] = acc[0];

@@ -23,7 +23,7 @@ constexpr int kMaxExperts = 256;
 constexpr int kBN = 128, kBK = 64;
 // Above this many assignments fp16/bf16 use the grouped GEMM (measured on an H100, 64 experts, h 1024, f 4096:
 // 32 tokens 194-201 us in the GEMM, 223-230 in the GEMV; 8 tokens 113 in the GEMM, 76 in the GEMV).
-constexpr int kGemvMaxAssignments = 16;
+constexpr int kGemvMaxAssignments = 16;  // also the rows of expert_mma_kernel's one MMA pass
 
 struct Workspace {
   float* logits;  // [N, experts]
@@ -512,6 +512,78 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
   }
 }
 
+// ---- few tokens per expert, fp16/bf16: tensor cores ---------------------------------------------------------------
+// A block per (active-expert slot, 8 output rows); blocks of slots past the active count exit at once. The expert's
+// assignments (at most kGemvMaxAssignments = 16) are the A rows of mma.m16n8k16 (common.cuh: mma_gemv_chunk), its
+// 8 weight rows B; the warps split K in chunks (warp i takes i, i + 8, ...), the first
+// kPre of them loaded as soon as the expert is known, and their partial sums meet in shared memory in a fixed
+// order. One 16-byte activation load per weight vector and no FMAs: expert_gemv_kernel above spends 4 token
+// loads and 32 FMAs per weight vector at 4 rows a warp, and with 1 row a warp re-reads the token per row.
+// Epilogues as expert_gemv_kernel's (FC1: bias + activation into act; FC2: into y, or with kOut the output).
+template <typename T, bool FC1, bool kOut, int kPre>
+__global__ void __launch_bounds__(kGemvThreads, kPre == 1 ? 4 : 2) expert_mma_kernel(
+    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
+    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
+  static_assert(kGemvMaxAssignments <= 16, "an expert's assignments fill one MMA's 16 rows");
+  constexpr int W = kGemvThreads / 32;
+  __shared__ float part[W][16][8];
+  enter_after_predecessor();
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  const int blocks_per_expert = (rows + 7) / 8;
+  const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8;
+  if (slot >= w.active[0]) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int e = w.active[1 + slot], chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  const T* wrow = n0 + g < rows ? weight + (int64_t(e) * rows + n0 + g) * K : nullptr;
+  Vec<T> wv[kPre][kMmaVecs];
+#pragma unroll
+  for (int i = 0; i < kPre; ++i) mma_gemv_load(wv[i], wrow, warp + i * W, K, t);
+  const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // threads < 128 write (assignment m_out, row r_out)
+  const bool row_out = m_out < 16 && n0 + r_out < rows;
+  const float bias_v = row_out ? to_float(bias[int64_t(e) * rows + n0 + r_out]) : 0.f;
+  const int count = w.counts[e], off = w.offsets[e];  // <= kGemvMaxAssignments <= 16: one pass
+  auto src = [&](int m) -> const T* {  // A row m: assignment off + m (FC1: its token's hidden row)
+    if (m >= count) return nullptr;
+    return input + int64_t(FC1 ? w.perm[off + m] % tokens : off + m) * K;
+  };
+  const T* x0 = src(g);
+  const T* x1 = src(g + 8);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < kPre; ++i)
+    if (warp + i * W < chunks) mma_gemv_chunk<T>(acc, wv[i], x0, x1, warp + i * W, K, t);
+#pragma unroll 2
+  for (int c = warp + kPre * W; c < chunks; c += W) {
+    Vec<T> v[kMmaVecs];
+    mma_gemv_load(v, wrow, c, K, t);
+    mma_gemv_chunk<T>(acc, v, x0, x1, c, K, t);
+  }
+  part[warp][g][2 * t] = acc[0];
+  part[warp][g][2 * t + 1] = acc[1];
+  part[warp][g + 8][2 * t] = acc[2];
+  part[warp][g + 8][2 * t + 1] = acc[3];
+  __syncthreads();
+  if (row_out && m_out < count) {
+    float s = bias_v;
+#pragma unroll
+    for (int i = 0; i < W; ++i) s += part[i][m_out][r_out];
+    const int64_t p = off + m_out, n = n0 + r_out;
+    if (FC1) {
+      static_cast<T*>(w.act)[p * rows + n] = from_float<T>(activate(s, act_kind));
+    } else if (kOut) {
+      const int tok = w.perm[p] % tokens;
+      const int64_t o = int64_t(tok) * rows + n;
+      const float v = w.prob[tok] * s;
+      out[o] = from_float<T>(residual ? v + to_float(residual[o]) : v);
+    } else {
+      w.y[p * rows + n] = s;
+    }
+  }
+#endif
+}
+
 template <typename T, bool FC1, bool kOut = false, bool kSingle = false>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
@@ -519,6 +591,16 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
   // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight
   // rows). With one or two assignments that leaves too few warps for FC2's 1024 rows: one row each then.
   // at most min(assignments, experts) experts are hit: no more warps than rows to cover them
+  if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 rows)
+    const int grid = std::min(assignments, experts) * ((rows + 7) / 8);
+    if (K > kMmaChunk * (kGemvThreads / 32))
+      launch_if(programmatic, expert_mma_kernel<T, FC1, kOut, 4>, grid, kGemvThreads, 0, stream, input, weight, bias,
+                w, residual, out, may_drop, tokens, rows, K, act_kind);
+    else
+      launch_if(programmatic, expert_mma_kernel<T, FC1, kOut, 1>, grid, kGemvThreads, 0, stream, input, weight, bias,
+                w, residual, out, may_drop, tokens, rows, K, act_kind);
+    return;
+  }
   const int rows_per_warp = (!FC1 && assignments <= 2) ? 1 : 4;
   const int64_t max_items = int64_t(std::min(assignments, experts)) * ((rows + rows_per_warp - 1) / rows_per_warp);
   const int grid = static_cast<int>(std::min<int64_t>(sm_count() * 8, (max_items + 7) / 8));
