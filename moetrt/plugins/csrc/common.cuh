@@ -163,6 +163,10 @@ inline int sm_count() {
 //    what the documented entry points say) and writes nothing;
 //  - every block calls dependency_wait() before it exits, so a kernel completes only after its predecessor;
 //  - it then calls launch_dependents(), letting the next kernel's blocks be scheduled, to wait in turn.
+// As none of our kernels triggers its dependents before its own wait returned, in a chain of our kernels every
+// kernel two or more back has completed by the time a kernel starts: before its wait it may also read what those
+// wrote (the MoE's one-token FC2, after gate and FC1, reads the gate logits that way), never what its immediate
+// predecessor writes. (Library kernels, cuBLASLt's, make no such promise.)
 // On older GPUs, or when disabled, both are no-ops and launches are ordinary stream-ordered ones.
 __device__ __forceinline__ void dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

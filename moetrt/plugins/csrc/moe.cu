@@ -429,7 +429,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
     int experts) {
   constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kGemvTok;
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
-  enter_after_predecessor();
+  // FC2 of one token picks its expert from the gate logits and loads its weights before the wait: the gate ran
+  // two kernels back (common.cuh: reads before the wait), so FC2's 8 MB stream while FC1 still runs.
+  constexpr bool kEarly = kSingle && !FC1;
+  if constexpr (!kEarly) enter_after_predecessor();
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const int KV = K / VN, vpl = (KV + 31) / 32;
@@ -456,6 +459,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
     float bias_r[RG];  // with the weights, not after the dot products
 #pragma unroll
     for (int r = 0; r < RG; ++r) bias_r[r] = row0 + r < rows ? to_float(bias[int64_t(e) * rows + row0 + r]) : 0.f;
+    if constexpr (kEarly) enter_after_predecessor();  // FC1's activations from here on
     const int count = kSingle ? 1 : w.counts[e], off = kSingle ? 0 : w.offsets[e];
     for (int t0 = 0; t0 < count; t0 += TOK) {
       const int nt = min(TOK, count - t0);
@@ -510,6 +514,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
         }
     }
   }
+  if constexpr (kEarly) enter_after_predecessor();  // a warp that had no item
 }
 
 // ---- few tokens per expert, fp16/bf16: tensor cores ---------------------------------------------------------------
