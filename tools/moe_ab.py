@@ -1,9 +1,9 @@
 """A/B of kernel-library builds on the MoE layer at decode sizes (on the GPU machine).
 
-    python3 tools/moe_ab.py LIB [LIB ...]
+    [MOE_AB_TOKENS=1,8,16] python3 tools/moe_ab.py LIB [LIB ...]
 
 Per library (each in its own process, MOETRT_KERNELS_LIB): the 64-expert h1024 f4096 fp16 layer at 1, 8 and 16
-tokens, timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight sets), with and
+tokens (or MOE_AB_TOKENS), timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight sets), with and
 without programmatic launch. A kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before
 landing it: a one-kernel MoE that won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step
 (docs/performance.md)."""
@@ -31,7 +31,7 @@ def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
 
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
-        child()
+        child(tuple(int(n) for n in os.environ.get("MOE_AB_TOKENS", "1,8,16").split(",")))
         sys.exit(0)
     for lib in sys.argv[1:]:
         env = dict(os.environ, MOETRT_KERNELS_LIB=os.path.abspath(lib))

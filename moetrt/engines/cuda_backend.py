@@ -301,10 +301,10 @@ class CudaEngine:
         return buf.view(shape, self.dtype)
 
     def use_gemv(self, key: str, M: int) -> bool:
-        """Our GEMV kernel or cuBLASLt for a decode-sized GEMM: as tuned on this GPU, else the GEMV (in fp32,
-        up to 4 rows). Measured on the H100 for the 350M GEMMs: GEMV 1.5-3.1 µs vs cuBLASLt 3.6-5.9 µs at 1 row;
+        """Our GEMV kernel or cuBLASLt for a decode-sized GEMM: as tuned on this GPU, else the GEMV up to 8 rows
+        (4 in fp32). Measured on the H100 for the 350M GEMMs: GEMV 1.5-3.1 µs vs cuBLASLt 3.6-5.9 µs at 1 row;
         at 8 rows the tensor-core GEMV (fp16/bf16) 1.7-4.8 µs vs 3.6-5.9 µs."""
-        return self.gemm_ctx.gemv.get(key, M <= 4 or self.dtype != "fp32")
+        return self.gemm_ctx.gemv.get(key, M <= 4 or (self.dtype != "fp32" and M <= 8))
 
     def plan(self, B: int, T: int, rows: int | None = None, gemv: bool | None = None) -> StepPlan:
         """The launch plan of a step of B sequences × T new tokens; ``rows``: the number of logit rows to
@@ -391,7 +391,7 @@ class CudaEngine:
                 act = op.attrs.get("act")
                 xv, yv = self._view(x, (M, K)), self._view(outs[0], (M, Nout))
                 bv = self._view(bias, ()) if bias else None
-                eligible = op.attrs["trans"] and M <= launch.GEMV_MAX_ROWS and K % 8 == 0
+                eligible = op.attrs["trans"] and M <= launch.gemv_max_rows(self.dtype) and K % 8 == 0
                 choice_key = f"{M}x{Nout}x{K}:{self.dtype}:{'bias' if bias else 'none'}:{act or 'noact'}"
                 gemv_call = launch.gemv(xv, self._view(w, ()), bv, yv, act or "none", stream=s, defer=True) \
                     if eligible else None

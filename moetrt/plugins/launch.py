@@ -299,18 +299,26 @@ def sample(logits, out_tokens, temperature: float = 0.0, top_k: int = 0, top_p: 
                                      seed & mask, step & mask, DTYPE_CODES[x.dtype], stream), "sample", defer)
 
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 32  # fp16/bf16 (tensor cores from 2 rows); fp32: GEMV_MAX_ROWS_FP32
+GEMV_MAX_ROWS_FP32 = 8
+LAYERNORM_GEMV_MAX_ROWS = 8
+
+
+def gemv_max_rows(dtype: str) -> int:
+    """The most rows of x ``gemv`` takes in this dtype."""
+    return GEMV_MAX_ROWS_FP32 if dtype == "fp32" else GEMV_MAX_ROWS
 
 
 def gemv(x, weight, bias, y, activation: str = "none", stream: int = 0, defer: bool = False):
-    """``y = act(x @ weight.T + bias)`` for ``x [M, K]`` with M <= 8, ``weight [N, K]``, ``bias [N]`` or None."""
+    """``y = act(x @ weight.T + bias)`` for ``x [M, K]`` with M <= 32 (8 in fp32), ``weight [N, K]``, ``bias [N]``
+    or None."""
     a, w, o = DeviceArray.of(x, "x"), DeviceArray.of(weight, "weight"), DeviceArray.of(y, "y")
     if len(a.shape) != 2 or len(w.shape) != 2:
         raise KernelError(f"gemv: expected x [M, K] and weight [N, K], got {a.shape}, {w.shape}")
     (M, K), (N, _) = a.shape, w.shape
-    if not 1 <= M <= GEMV_MAX_ROWS:
-        raise KernelError(f"gemv: x has {M} rows; at most {GEMV_MAX_ROWS}")
     _expect(a, "x", (M, K), _float_dtypes())
+    if not 1 <= M <= gemv_max_rows(a.dtype):
+        raise KernelError(f"gemv: x has {M} rows; at most {gemv_max_rows(a.dtype)} in {a.dtype}")
     _expect(w, "weight", (N, K), (a.dtype,))
     _expect(o, "y", (M, N), (a.dtype,))
     if K % (4 if a.dtype == "fp32" else 8):
@@ -327,7 +335,7 @@ def add_layernorm_gemv_fits(rows: int, k: int, dtype: str) -> bool:
     """Whether add_layernorm_gemv takes these sizes (its normalised rows, gamma and beta in 44 KB of shared
     memory; k within the LayerNorm kernel's limit)."""
     size = 4 if dtype == "fp32" else 2
-    return 1 <= rows <= GEMV_MAX_ROWS and k % (16 // size) == 0 and k <= 1024 * (16 // size) \
+    return 1 <= rows <= LAYERNORM_GEMV_MAX_ROWS and k % (16 // size) == 0 and k <= 1024 * (16 // size) \
         and (rows + 2) * k * size <= 44 << 10
 
 
@@ -346,7 +354,7 @@ def add_layernorm_gemv(x, delta, gamma, beta, sum_out, weight, bias, y, activati
     (M, K), (N, _) = a.shape, w.shape
     _expect(a, "x", (M, K), _float_dtypes())
     if not add_layernorm_gemv_fits(M, K, a.dtype):
-        raise KernelError(f"add_layernorm_gemv: x [{M}, {K}] of {a.dtype} does not fit (at most {GEMV_MAX_ROWS} rows, "
+        raise KernelError(f"add_layernorm_gemv: x [{M}, {K}] of {a.dtype} does not fit (at most {LAYERNORM_GEMV_MAX_ROWS} rows, "
                           f"(rows + 2) * K elements in 44 KB, K a multiple of 16 bytes)")
     _expect(w, "weight", (N, K), (a.dtype,))
     _expect(o, "y", (M, N), (a.dtype,))

@@ -72,12 +72,21 @@ def test_bias_act(dtype, activation):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rows, n, k, activation, with_bias", [
     (1, 3072, 1024, "none", True), (3, 1024, 4096, "none", True), (8, 4096, 1024, "gelu_tanh", True),
-    (5, 200, 64, "gelu", False), (2, 7, 16, "none", False), (6, 1001, 1032, "gelu_tanh", True)])
+    (5, 200, 64, "gelu", False), (2, 7, 16, "none", False), (6, 1001, 1032, "gelu_tanh", True),
+    (12, 1000, 1032, "none", True), (16, 3072, 1024, "none", True), (25, 1024, 4096, "gelu_tanh", True),
+    (32, 4096, 1024, "none", False)])
 def test_gemv(dtype, rows, n, k, activation, with_bias):
     """The decode GEMM: y = act(x W^T + b), W [n, k]; fp32 accumulation, one rounding of the output. From 2 rows of
     fp16/bf16 the tensor-core kernel runs: n not a multiple of its 8 outputs per block, k of one partial chunk
-    (16), of chunks spread over the warps with a partial last one (1032 = 8 x 128 + 8)."""
+    (16), of chunks spread over the warps with a partial last one (1032 = 8 x 128 + 8); past 16 rows (fp16/bf16
+    only: up to 32) two MMAs per weight fragment."""
     dt = DTYPES[dtype]
+    max_rows = 8 if dtype == "fp32" else 32
+    if rows > max_rows:
+        with pytest.raises(Exception, match=f"at most {max_rows}"):
+            launch.gemv(torch.zeros(rows, k, device="cuda", dtype=dt), torch.zeros(n, k, device="cuda", dtype=dt),
+                        None, poisoned((rows, n), dt))
+        return
     x = torch.randn(rows, k, device="cuda").to(dt)
     w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
     b = torch.randn(n, device="cuda").to(dt) if with_bias else None
@@ -87,8 +96,8 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
     pre = cpu(x) @ cpu(w).T + (cpu(b) if with_bias else 0.0)
     ref = pre if activation == "none" else bias_act_reference(pre, np.zeros(n), activation)
     assert rel_err(y, ref) < BOUND[dtype]
-    with pytest.raises(Exception, match="at most 8"):
-        launch.gemv(torch.zeros(9, k, device="cuda", dtype=dt), w, b, poisoned((9, n), dt))
+    with pytest.raises(Exception, match=f"at most {max_rows}"):
+        launch.gemv(torch.zeros(max_rows + 1, k, device="cuda", dtype=dt), w, b, poisoned((max_rows + 1, n), dt))
 
 
 
@@ -242,7 +251,7 @@ def run_moe(dtype, N, E=64, h=1024, f=4096, top_k=1, capacity=0.0, min_capacity=
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("N", [1, 8, 32])
+@pytest.mark.parametrize("N", [1, 8, 16, 32])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_decode_350m_shape(dtype, N, top_k):
     run_moe(dtype, N, top_k=top_k, seed=N)
@@ -279,7 +288,7 @@ def test_moe_small_odd_shapes_and_erf_gelu(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-@pytest.mark.parametrize("N", [16, 400])
+@pytest.mark.parametrize("N", [16, 30, 400])
 def test_moe_every_token_on_one_expert(dtype, N):
     E, h, f = 16, 256, 512
     dt = DTYPES[dtype]

@@ -1,8 +1,8 @@
-// Skinny GEMM for decode: y[m, n] = act(sum_k W[n, k] x[m, k] + bias[n]) for M <= 8 rows of x, with W stored
+// Skinny GEMM for decode: y[m, n] = act(sum_k W[n, k] x[m, k] + bias[n]) for M <= 8 rows of x (32 in fp16/bf16), W
 // [N, K] (out, in: a torch Linear weight). One warp per output column n reads W's row once with 16-byte loads
 // (the bytes that bound the op) and applies it to all M rows of x (small, from L1/L2); fp32 accumulation,
-// bias and activation fused. Chosen over cuBLASLt for M <= 8 by measurement (docs/performance.md). From 2 rows
-// of fp16/bf16, gemv_mma_kernel does the same with tensor-core products (below).
+// bias and activation fused; engines choose it or cuBLASLt per GEMM by timing both (docs/performance.md). From 2
+// rows of fp16/bf16, gemv_mma_kernel does the same with tensor-core products (below).
 //
 // The AddLayerNorm variant takes x = LayerNorm(x + delta) as its input: every block recomputes the M normalised
 // rows in shared memory (a few KB from L2, while its weights are in flight) with add_layernorm_kernel's exact
@@ -196,11 +196,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   }
 }
 
-// ---- 2 to 8 rows of fp16/bf16: tensor cores ------------------------------------------------------------------
+// ---- 2 to 32 rows of fp16/bf16: tensor cores -----------------------------------------------------------------
 // At 8 rows gemv_kernel issues 8 loads of x and 64 FMAs (with their conversions) per 16-byte weight vector and is
 // bound by them, not by the weights (350M QKV: 7.7 us against F.linear's 6.2). Here mma.m16n8k16 computes the
-// products (common.cuh: mma_gemv_chunk), x's rows being A's rows 0..M-1 and the block's 8 weight rows B: one
-// 16-byte load of x per weight vector. A block covers 8 outputs; its warps split K (warp i takes chunks i, i + 8,
+// products (common.cuh: mma_gemv_chunk), x's rows being A's rows (two MMAs per weight fragment past 16 rows) and
+// the block's 8 weight rows B: one 16-byte load of x per row and weight vector. M is the rows' capacity (8, 16,
+// 32; `rows` of them are used), or with kLn their exact number (at most 8). A block covers 8 outputs; its warps split K (warp i takes chunks i, i + 8,
 // ...), and their partial sums meet in shared memory, added in a fixed order. Weights and bias are read before
 // the wait, as in gemv_kernel: the warp's first kPre chunks into registers (kPre = 4 for K > 1024, where a warp
 // has several chunks: 2 blocks an SM then), the rest of its chunks into L2. fp32 accumulation.
@@ -209,15 +210,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #endif
 constexpr int kMmaMinRows = MOETRT_GEMV_MMA_MIN_ROWS;
 
+// Blocks an SM is sized for (registers): 4 (1 chunk in registers), 2 (4 chunks), fewer past 16 rows.
+constexpr int mma_min_blocks(int M, int kPre) { return kPre == 1 ? (M > 16 ? 3 : 4) : (M > 16 ? 1 : 2); }
+
 template <typename T, int M, bool kLn, int kPre>
-__global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_kernel(const T* __restrict__ x,
+__global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv_mma_kernel(const T* __restrict__ x,
                                                                                      const T* __restrict__ w,
                                                                                      const T* __restrict__ bias,
-                                                                                     T* __restrict__ y, int N, int K,
-                                                                                     int act, bool prefetch,
-                                                                                     AddLn<T> ln) {
+                                                                                     T* __restrict__ y, int rows,
+                                                                                     int N, int K, int act,
+                                                                                     bool prefetch, AddLn<T> ln) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(M <= 8 && Vec<T>::N == 8, "8 rows of x at most, 16-bit elements");
+  static_assert(M <= 32 && (!kLn || M <= 8) && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
+  constexpr int MT = (M + 15) / 16;  // MMAs per weight fragment
+  const int R = kLn ? M : rows;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
   __shared__ float part[kGemvWarps][M][8];
@@ -231,7 +237,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_k
     for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps)
       if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow + c * kMmaChunk + t * 64);
   const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // this thread writes y[m_out, n0 + r_out]
-  const bool writer = m_out < M && n0 + r_out < N;
+  const bool writer = m_out < R && n0 + r_out < N;
   const float bias_v = bias && writer ? to_float(bias[n0 + r_out]) : 0.f;
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
   if constexpr (kLn) {
@@ -248,20 +254,30 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_k
     add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
     x = xs;
   }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const T* xrow = g < M ? x + int64_t(g) * K : nullptr;
+  float acc[MT][4] = {};
+  const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
+#pragma unroll
+  for (int h = 0; h < 2 * MT; ++h) xr[h] = (8 * h < M && g + 8 * h < R) ? x + int64_t(g + 8 * h) * K : nullptr;
+  auto mma_all = [&](const Vec<T>(&wv)[kMmaVecs], int c) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) mma_gemv_chunk<T>(acc[i], wv, xr[2 * i], xr[2 * i + 1], c, K, t);
+  };
 #pragma unroll
   for (int i = 0; i < kPre; ++i)
-    if (warp + i * kGemvWarps < chunks) mma_gemv_chunk<T>(acc, pre[i], xrow, nullptr, warp + i * kGemvWarps, K, t);
+    if (warp + i * kGemvWarps < chunks) mma_all(pre[i], warp + i * kGemvWarps);
 #pragma unroll 2
   for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps) {
     Vec<T> wv[kMmaVecs];
     mma_gemv_load(wv, wrow, c, K, t);
-    mma_gemv_chunk<T>(acc, wv, xrow, nullptr, c, K, t);
+    mma_all(wv, c);
   }
-  if (g < M) {
-    part[warp][g][2 * t] = acc[0];
-    part[warp][g][2 * t + 1] = acc[1];
+#pragma unroll
+  for (int h = 0; h < 2 * MT; ++h) {
+    const int r = g + 8 * h;
+    if (8 * h < M && r < M) {
+      part[warp][r][2 * t] = acc[h / 2][(h % 2) * 2];
+      part[warp][r][2 * t + 1] = acc[h / 2][(h % 2) * 2 + 1];
+    }
   }
   __syncthreads();
   if (writer) {
@@ -273,6 +289,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kPre == 1 ? 4 : 2) gemv_mma_k
 #endif
 }
 
+// rows (<= M, the capacity: 8, 16 or 32) of x through the tensor-core kernel, without a LayerNorm.
+template <typename T, int M>
+void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
+  const bool prefetch = int64_t(N) * K * int64_t(sizeof(T)) <= kPrefetchMaxBytes;
+  if (K > kMmaChunk * kGemvWarps)
+    launch(gemv_mma_kernel<T, M, false, 4>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
+           prefetch, AddLn<T>{});
+  else
+    launch(gemv_mma_kernel<T, M, false, 1>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
+           prefetch, AddLn<T>{});
+}
+
 template <typename T, int M>
 void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int act, const AddLn<T>* ln,
                  cudaStream_t stream) {
@@ -282,13 +311,9 @@ void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int 
     const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
     if (ln)
       launch(gemv_mma_kernel<T, M, true, 1>, blocks, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w,
-             bias, y, N, K, act, prefetch, *ln);
-    else if (K > kMmaChunk * kGemvWarps)
-      launch(gemv_mma_kernel<T, M, false, 4>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act,
-             prefetch, AddLn<T>{});
+             bias, y, M, N, K, act, prefetch, *ln);
     else
-      launch(gemv_mma_kernel<T, M, false, 1>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act,
-             prefetch, AddLn<T>{});
+      launch_mma<T, 8>(x, w, bias, y, M, N, K, act, stream);
     return;
   }
   if (ln)
@@ -306,8 +331,18 @@ template <typename T>
 int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, const AddLn<T>* ln,
                 cudaStream_t stream) {
   if (K % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
-  if (ln && (K > kLnThreads * kLnMaxVecs * Vec<T>::N || size_t(rows + 2) * K * sizeof(T) > size_t(kLnMaxSmem)))
+  if (ln && (rows > 8 || K > kLnThreads * kLnMaxVecs * Vec<T>::N ||
+             size_t(rows + 2) * K * sizeof(T) > size_t(kLnMaxSmem)))
     return MOETRT_ERR_BAD_SHAPE;
+  if (rows > 8) {  // 9-32 rows: fp16/bf16 only, on tensor cores
+    if constexpr (sizeof(T) != 2) {
+      return MOETRT_ERR_BAD_SHAPE;
+    } else {
+      if (rows <= 16) launch_mma<T, 16>(x, w, bias, y, rows, N, K, act, stream);
+      else launch_mma<T, 32>(x, w, bias, y, rows, N, K, act, stream);
+      return launch_status();
+    }
+  }
   switch (rows) {
     case 1: launch_rows<T, 1>(x, w, bias, y, N, K, act, ln, stream); break;
     case 2: launch_rows<T, 2>(x, w, bias, y, N, K, act, ln, stream); break;
@@ -323,7 +358,7 @@ int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
 }
 
 bool bad_gemv_args(int64_t rows, int64_t n, int64_t k, int activation) {
-  return rows < 0 || rows > 8 || n <= 0 || k <= 0 || n > 0x7fffffff || k > 0x7fffffff || activation < 0 ||
+  return rows < 0 || rows > 32 || n <= 0 || k <= 0 || n > 0x7fffffff || k > 0x7fffffff || activation < 0 ||
          activation > 2;
 }
 

@@ -3,9 +3,10 @@
 // Assignments are numbered a = slot * N + token (all first choices, then all second choices), which is
 // DeepSpeed's order for capacity: an expert keeps its first `capacity` assignments in that order.
 // Two regimes for the expert FFNs, chosen on the host from N * top_k (known without a sync):
-//  - few assignments (decode, <= kGemvMaxAssignments; fp32 always): a persistent GEMV over (active expert, 4-row
-//    chunk) work items that reads each hit expert's weights once with 16-byte loads and applies them to up to 4
-//    of its tokens at a time; one token with top-1 (batch-1 decode) skips the routing kernel: gate, FC1, FC2;
+//  - few assignments (decode, <= kGemvMaxAssignments; fp32 always): GEMVs that read each hit expert's weights
+//    once with 16-byte loads, on tensor cores in fp16/bf16 (expert_mma_kernel), else a persistent FMA kernel over
+//    (active expert, 4-row chunk) items; one token with top-1 (batch-1 decode) skips the routing kernel: gate,
+//    FC1, FC2 (the FMA kernel);
 //  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
 #include <type_traits>
@@ -22,7 +23,8 @@ constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
 constexpr int kBN = 128, kBK = 64;
 // Above this many assignments fp16/bf16 use the grouped GEMM (measured on an H100, 64 experts, h 1024, f 4096:
-// 32 tokens 194-201 us in the GEMM, 223-230 in the GEMV; 8 tokens 113 in the GEMM, 76 in the GEMV).
+// 32 tokens 194-201 us in the GEMM, 223-230 in the FMA GEMV; with the tensor-core GEMV taking up to 32
+// assignments, 24 / 32 tokens 202 / 228 us against the GEMM's 166 / 188).
 constexpr int kGemvMaxAssignments = 16;  // also the rows of expert_mma_kernel's one MMA pass
 
 struct Workspace {
