@@ -59,6 +59,15 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
 
 // ---- gate logits = x · Wgᵀ in fp32: a warp per expert, a tile of kGateTok tokens per block -----------------
 constexpr int kGateTok = 8;
+// From this many tokens the register-tiled kernel below computes the gate; fewer run this one, with this many
+// experts a warp past kGateTok tokens (1 spreads the gate over most SMs, more re-use each block's x tile).
+#ifndef MOETRT_GATE_TILED_MIN_TOKENS
+#define MOETRT_GATE_TILED_MIN_TOKENS 65
+#endif
+#ifndef MOETRT_GATE_EPW_MANY
+#define MOETRT_GATE_EPW_MANY 1
+#endif
+constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS, kGateEpwMany = MOETRT_GATE_EPW_MANY;
 template <typename T>
 __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
                                                           float* __restrict__ logits, int tokens, int hidden, int experts,
@@ -938,13 +947,13 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                       int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
-  if (tokens > kGemvMaxAssignments) {  // prefill: the gate is a small GEMM
+  if (tokens >= kGateTiledMinTokens) {  // prefill: the gate is a small GEMM
     const dim3 grid((experts + kGateTileExp - 1) / kGateTileExp, (tokens + kGateTileTok - 1) / kGateTileTok);
     launch_if(false, gate_logits_tiled_kernel<T>, grid, kGateThreads, 0, stream, hidden, gate_weight, w.logits, tokens,
               h, experts);
   } else {
     const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
-    const int epw = tokens <= kGateTok ? 1 : 4;  // 1-8 tokens: spread the gate over many SMs; more: reuse x tiles
+    const int epw = tokens <= kGateTok ? 1 : kGateEpwMany;  // experts a warp
     launch_if(programmatic, gate_logits_kernel<T>,
               dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
               stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
