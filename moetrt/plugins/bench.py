@@ -217,8 +217,8 @@ def bench_attention(ceil: dict, batches=(1, 8, 32), cache_len=2048, H=16, D=64) 
 
 def bench_gemv(ceil: dict, rows_list=(1, 4, 8, 16, 32), h=1024, f=4096) -> list[dict]:
     """The decode GEMMs of the 350M preset (qkv, attention out, fc1 + GeLU, fc2) at 1-32 rows: our GEMV, and for
-    qkv and fc1 (up to 8 rows) the GEMV with the LayerNorm before it fused in; PyTorch's F.linear (cuBLAS) and LayerNorm +
-    F.linear beside them. Floor: the weight bytes / copy bandwidth."""
+    qkv and fc1 (up to 8 rows) the GEMV with the LayerNorm before it fused in; PyTorch's F.linear (cuBLAS) and
+    LayerNorm + F.linear beside them. Floor: the weight bytes / copy bandwidth."""
     torch = cuda_torch()
     from moetrt.plugins import launch
     dt = torch.float16

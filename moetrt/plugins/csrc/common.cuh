@@ -97,6 +97,34 @@ __device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&w
   }
 }
 
+// A warp's share of a tensor-core GEMV: chunks c0, c0 + stride, ... below `chunks` of weight row `row`. The first
+// kPre are loaded into `pre` by mma_gemv_preload (before the wait), the rest by mma_gemv_accumulate as it goes;
+// MT MMAs a weight fragment, MMA i taking A rows xr[2i] and xr[2i + 1] (nullptr: zeros) into acc[i].
+template <typename T, int kPre>
+__device__ __forceinline__ void mma_gemv_preload(Vec<T> (&pre)[kPre][kMmaVecs], const T* row, int c0, int stride,
+                                                 int K, int t) {
+#pragma unroll
+  for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i], row, c0 + i * stride, K, t);  // past K: zeros
+}
+template <typename T, int kPre, int MT>
+__device__ __forceinline__ void mma_gemv_accumulate(float (&acc)[MT][4], const Vec<T> (&pre)[kPre][kMmaVecs],
+                                                    const T* row, const T* const (&xr)[2 * MT], int c0, int stride,
+                                                    int chunks, int K, int t) {
+  auto mma_all = [&](const Vec<T>(&wv)[kMmaVecs], int c) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) mma_gemv_chunk<T>(acc[i], wv, xr[2 * i], xr[2 * i + 1], c, K, t);
+  };
+#pragma unroll
+  for (int i = 0; i < kPre; ++i)
+    if (c0 + i * stride < chunks) mma_all(pre[i], c0 + i * stride);
+#pragma unroll 2
+  for (int c = c0 + kPre * stride; c < chunks; c += stride) {
+    Vec<T> wv[kMmaVecs];
+    mma_gemv_load(wv, row, c, K, t);
+    mma_all(wv, c);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -118,6 +118,25 @@ __device__ void add_layernorm_rows(const AddLn<T>& ln, T* xs, const T* gs, const
   __syncthreads();
 }
 
+// The fused LayerNorm's gamma and beta (weights: before the wait) into shared memory after its M rows, in flight.
+template <typename T, int M>
+__device__ __forceinline__ void load_layernorm_weights(const AddLn<T>& ln, T* xs, int K) {
+  constexpr int VN = Vec<T>::N;
+  for (int v = threadIdx.x; v < K / VN; v += blockDim.x) {
+    cp_async16(xs + M * K + v * VN, ln.gamma + v * VN, true);
+    cp_async16(xs + (M + 1) * K + v * VN, ln.beta + v * VN, true);
+  }
+  cp_async_commit();
+}
+// After the wait, once gamma and beta have landed: the M rows of LayerNorm(x + delta) into xs, the GEMV's x.
+template <typename T, int M>
+__device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, int K, float* scratch) {
+  cp_async_wait<0>();
+  __syncthreads();
+  add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
+  return xs;
+}
+
 template <typename T, int M, bool kLn, bool kStage = false>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
@@ -142,19 +161,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
   const float bias_n = bias && active && lane < M ? to_float(bias[n]) : 0.f;  // a weight too: before the wait
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
-  if constexpr (kLn) {
-    for (int v = threadIdx.x; v < K / VN; v += blockDim.x) {  // gamma and beta are weights: before the wait too
-      cp_async16(xs + (M * K) + v * VN, ln.gamma + v * VN, true);
-      cp_async16(xs + (M + 1) * K + v * VN, ln.beta + v * VN, true);
-    }
-    cp_async_commit();
-  }
+  if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
   if constexpr (kLn) {
-    cp_async_wait<0>();
-    __syncthreads();
-    add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
-    x = xs;
+    x = layernorm_rows<T, M>(ln, xs, K, scratch);
   } else if constexpr (kStage) {
     for (int v = threadIdx.x; v < M * K / VN; v += blockDim.x) cp_async16(xs + v * VN, x + v * VN, true);
     cp_async_commit();
@@ -201,8 +211,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 // bound by them, not by the weights (350M QKV: 7.7 us against F.linear's 6.2). Here mma.m16n8k16 computes the
 // products (common.cuh: mma_gemv_chunk), x's rows being A's rows (two MMAs per weight fragment past 16 rows) and
 // the block's 8 weight rows B: one 16-byte load of x per row and weight vector. M is the rows' capacity (8, 16,
-// 32; `rows` of them are used), or with kLn their exact number (at most 8). A block covers 8 outputs; its warps split K (warp i takes chunks i, i + 8,
-// ...), and their partial sums meet in shared memory, added in a fixed order. Weights and bias are read before
+// 32; `rows` of them are used), or with kLn their exact number (at most 8). A block covers 8 outputs; its warps
+// split K (warp i takes chunks i, i + 8, ...), and their partial sums meet in shared memory, added in a fixed
+// order. Weights and bias are read before
 // the wait, as in gemv_kernel: the warp's first kPre chunks into registers (kPre = 4 for K > 1024, where a warp
 // has several chunks: 2 blocks an SM then), the rest of its chunks into L2. fp32 accumulation.
 #ifndef MOETRT_GEMV_MMA_MIN_ROWS
@@ -231,8 +242,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   const int n0 = blockIdx.x * 8, chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow = n0 + g < N ? w + int64_t(n0 + g) * K : nullptr;
   Vec<T> pre[kPre][kMmaVecs];
-#pragma unroll
-  for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i], wrow, warp + i * kGemvWarps, K, t);  // past K: zeros
+  mma_gemv_preload(pre, wrow, warp, kGemvWarps, K, t);
   if (prefetch && wrow && t < 2)
     for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps)
       if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow + c * kMmaChunk + t * 64);
@@ -240,37 +250,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   const bool writer = m_out < R && n0 + r_out < N;
   const float bias_v = bias && writer ? to_float(bias[n0 + r_out]) : 0.f;
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
-  if constexpr (kLn) {
-    for (int v = threadIdx.x; v < K / 8; v += blockDim.x) {
-      cp_async16(xs + (M * K) + v * 8, ln.gamma + v * 8, true);
-      cp_async16(xs + (M + 1) * K + v * 8, ln.beta + v * 8, true);
-    }
-    cp_async_commit();
-  }
+  if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
-  if constexpr (kLn) {
-    cp_async_wait<0>();
-    __syncthreads();
-    add_layernorm_rows<T, M>(ln, xs, xs + M * K, xs + (M + 1) * K, K, scratch);
-    x = xs;
-  }
+  if constexpr (kLn) x = layernorm_rows<T, M>(ln, xs, K, scratch);
   float acc[MT][4] = {};
   const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) xr[h] = (8 * h < M && g + 8 * h < R) ? x + int64_t(g + 8 * h) * K : nullptr;
-  auto mma_all = [&](const Vec<T>(&wv)[kMmaVecs], int c) {
-#pragma unroll
-    for (int i = 0; i < MT; ++i) mma_gemv_chunk<T>(acc[i], wv, xr[2 * i], xr[2 * i + 1], c, K, t);
-  };
-#pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (warp + i * kGemvWarps < chunks) mma_all(pre[i], warp + i * kGemvWarps);
-#pragma unroll 2
-  for (int c = warp + kPre * kGemvWarps; c < chunks; c += kGemvWarps) {
-    Vec<T> wv[kMmaVecs];
-    mma_gemv_load(wv, wrow, c, K, t);
-    mma_all(wv, c);
-  }
+  mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t);
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) {
     const int r = g + 8 * h;
@@ -289,11 +276,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
 #endif
 }
 
+// Whether a GEMV prefetches its weight rows' tails into L2 before the wait (kPrefetchMaxBytes).
+template <typename T>
+bool prefetch_weights(int N, int K) {
+  return int64_t(N) * K * int64_t(sizeof(T)) <= kPrefetchMaxBytes;
+}
+
 // rows (<= M, the capacity: 8, 16 or 32) of x through the tensor-core kernel, without a LayerNorm.
 template <typename T, int M>
 void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
-  const bool prefetch = int64_t(N) * K * int64_t(sizeof(T)) <= kPrefetchMaxBytes;
+  const bool prefetch = prefetch_weights<T>(N, K);
   if (K > kMmaChunk * kGemvWarps)
     launch(gemv_mma_kernel<T, M, false, 4>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
            prefetch, AddLn<T>{});
@@ -306,7 +299,7 @@ template <typename T, int M>
 void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int act, const AddLn<T>* ln,
                  cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
-  const bool prefetch = int64_t(N) * K * int64_t(sizeof(T)) <= kPrefetchMaxBytes;
+  const bool prefetch = prefetch_weights<T>(N, K);
   if constexpr (sizeof(T) == 2 && M >= kMmaMinRows) {
     const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
     if (ln)

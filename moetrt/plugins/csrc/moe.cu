@@ -554,8 +554,7 @@ __global__ void __launch_bounds__(kGemvThreads, kPre == 1 ? 4 : 2) expert_mma_ke
   const int e = w.active[1 + slot], chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow = n0 + g < rows ? weight + (int64_t(e) * rows + n0 + g) * K : nullptr;
   Vec<T> wv[kPre][kMmaVecs];
-#pragma unroll
-  for (int i = 0; i < kPre; ++i) mma_gemv_load(wv[i], wrow, warp + i * W, K, t);
+  mma_gemv_preload(wv, wrow, warp, W, K, t);
   const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // threads < 128 write (assignment m_out, row r_out)
   const bool row_out = m_out < 16 && n0 + r_out < rows;
   const float bias_v = row_out ? to_float(bias[int64_t(e) * rows + n0 + r_out]) : 0.f;
@@ -564,22 +563,13 @@ __global__ void __launch_bounds__(kGemvThreads, kPre == 1 ? 4 : 2) expert_mma_ke
     if (m >= count) return nullptr;
     return input + int64_t(FC1 ? w.perm[off + m] % tokens : off + m) * K;
   };
-  const T* x0 = src(g);
-  const T* x1 = src(g + 8);
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (warp + i * W < chunks) mma_gemv_chunk<T>(acc, wv[i], x0, x1, warp + i * W, K, t);
-#pragma unroll 2
-  for (int c = warp + kPre * W; c < chunks; c += W) {
-    Vec<T> v[kMmaVecs];
-    mma_gemv_load(v, wrow, c, K, t);
-    mma_gemv_chunk<T>(acc, v, x0, x1, c, K, t);
-  }
-  part[warp][g][2 * t] = acc[0];
-  part[warp][g][2 * t + 1] = acc[1];
-  part[warp][g + 8][2 * t] = acc[2];
-  part[warp][g + 8][2 * t + 1] = acc[3];
+  const T* const xr[2] = {src(g), src(g + 8)};
+  float acc[1][4] = {};
+  mma_gemv_accumulate<T, kPre, 1>(acc, wv, wrow, xr, warp, W, chunks, K, t);
+  part[warp][g][2 * t] = acc[0][0];
+  part[warp][g][2 * t + 1] = acc[0][1];
+  part[warp][g + 8][2 * t] = acc[0][2];
+  part[warp][g + 8][2 * t + 1] = acc[0][3];
   __syncthreads();
   if (row_out && m_out < count) {
     float s = bias_v;
@@ -604,9 +594,6 @@ template <typename T, bool FC1, bool kOut = false, bool kSingle = false>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
                  bool programmatic, cudaStream_t stream) {
-  // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight
-  // rows). With one or two assignments that leaves too few warps for FC2's 1024 rows: one row each then.
-  // at most min(assignments, experts) experts are hit: no more warps than rows to cover them
   if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 rows)
     const int grid = std::min(assignments, experts) * ((rows + 7) / 8);
     if (K > kMmaChunk * (kGemvThreads / 32))
@@ -617,6 +604,9 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
                 w, residual, out, may_drop, tokens, rows, K, act_kind);
     return;
   }
+  // 4 rows per warp: each token vector loaded serves 4 rows (FC2's activation rows are as long as its weight
+  // rows). With one or two assignments that leaves too few warps for FC2's 1024 rows: one row each then.
+  // at most min(assignments, experts) experts are hit: no more warps than rows to cover them
   const int rows_per_warp = (!FC1 && assignments <= 2) ? 1 : 4;
   const int64_t max_items = int64_t(std::min(assignments, experts)) * ((rows + rows_per_warp - 1) / rows_per_warp);
   const int grid = static_cast<int>(std::min<int64_t>(sm_count() * 8, (max_items + 7) / 8));
