@@ -18,6 +18,7 @@ def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
     from moetrt.plugins import launch
     from moetrt.plugins.bench import ROTATE, moe_layers, time_ms, time_ms_without_pdl
     dt = torch.float16
+    torch.manual_seed(0)  # the same tokens (and experts hit) for every library
     layers = moe_layers(E, h, f)
     res = {}
     for N in tokens:

@@ -104,7 +104,7 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rows, n, k, activation, with_delta", [
     (1, 3072, 1024, "none", True), (1, 4096, 1024, "gelu_tanh", True), (3, 1000, 2048, "gelu", False),
-    (8, 96, 1024, "none", True), (3, 200, 64, "none", False)])
+    (8, 96, 1024, "none", True), (3, 200, 64, "none", False), (8, 3072, 1024, "none", True)])
 def test_add_layernorm_gemv(dtype, rows, n, k, activation, with_delta):
     """LayerNorm(x + delta) feeding the GEMV in one kernel: against float64 LayerNorm then GEMM, and bit for bit
     the two-kernel path (the same statistics, rounding and dot products; a partial sum taken in another order
@@ -251,7 +251,7 @@ def run_moe(dtype, N, E=64, h=1024, f=4096, top_k=1, capacity=0.0, min_capacity=
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("N", [1, 8, 16, 32])
+@pytest.mark.parametrize("N", [1, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_decode_350m_shape(dtype, N, top_k):
     run_moe(dtype, N, top_k=top_k, seed=N)
@@ -283,6 +283,7 @@ def test_moe_prefill_row_tiles(dtype, N, top_k, E):
 def test_moe_small_odd_shapes_and_erf_gelu(dtype):
     run_moe(dtype, 13, E=8, h=64, f=256, top_k=2, activation="gelu", seed=3)
     run_moe(dtype, 5, E=8, h=40, f=96, top_k=2, activation="gelu", seed=5)
+    run_moe(dtype, 5, E=8, h=40, f=1280, top_k=2, seed=6)  # FC2 rows in pairs of 8-row groups, the last one short
     if dtype != "fp32":
         run_moe(dtype, 200, E=8, h=64, f=256, top_k=1, seed=4)
 

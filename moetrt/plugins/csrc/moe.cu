@@ -529,53 +529,70 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
 }
 
 // ---- few tokens per expert, fp16/bf16: tensor cores ---------------------------------------------------------------
-// A block per (active-expert slot, 8 output rows); blocks of slots past the active count exit at once. The expert's
-// assignments (at most kGemvMaxAssignments = 16) are the A rows of mma.m16n8k16 (common.cuh: mma_gemv_chunk), its
-// 8 weight rows B; the warps split K in chunks (warp i takes i, i + 8, ...), the first
-// kPre of them loaded as soon as the expert is known, and their partial sums meet in shared memory in a fixed
-// order. One 16-byte activation load per weight vector and no FMAs: expert_gemv_kernel above spends 4 token
-// loads and 32 FMAs per weight vector at 4 rows a warp, and with 1 row a warp re-reads the token per row.
-// Epilogues as expert_gemv_kernel's (FC1: bias + activation into act; FC2: into y, or with kOut the output).
-template <typename T, bool FC1, bool kOut, int kPre>
-__global__ void __launch_bounds__(kGemvThreads, kPre == 1 ? 4 : 2) expert_mma_kernel(
+// A block per (active-expert slot, R x 8 output rows); blocks of slots past the active count exit at once. The
+// expert's assignments (at most kGemvMaxAssignments = 16) are the A rows of mma.m16n8k16 (common.cuh:
+// mma_gemv_chunk), each group of 8 weight rows B; the warps split K in chunks (warp i takes i, i + 8, ...), the
+// first kPre of them (of every row group) loaded as soon as the expert is known, and their partial sums meet in
+// shared memory in a fixed order. One 16-byte activation load per weight vector and no FMAs: expert_gemv_kernel
+// above spends 4 token loads and 32 FMAs per weight vector at 4 rows a warp, and with 1 row a warp re-reads the
+// token per row. FC2 (K 4096) from 4 assignments takes R = 2 with kPre = 2 (H100, 350M decode graphs at batch 4 /
+// 8 / 16: 0.836 / 1.021 / 1.374 ms against 0.845 / 1.039 / 1.400 with R = 1, kPre = 4; at batch 2 0.752 against
+// 0.741, hence from 4; R = 4 and FC1 with R = 2 or 4 measured slower). Epilogues as expert_gemv_kernel's (FC1:
+// bias + activation into act; FC2: into y, or with kOut the output).
+template <typename T, bool FC1, bool kOut, int kPre, int R = 1>
+__global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mma_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
   static_assert(kGemvMaxAssignments <= 16, "an expert's assignments fill one MMA's 16 rows");
   constexpr int W = kGemvThreads / 32;
-  __shared__ float part[W][16][8];
+  __shared__ float part[W][16][8 * R];
   enter_after_predecessor();
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
-  const int blocks_per_expert = (rows + 7) / 8;
-  const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8;
+  const int blocks_per_expert = (rows + 8 * R - 1) / (8 * R);
+  const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8 * R;
   if (slot >= w.active[0]) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int e = w.active[1 + slot], chunks = (K + kMmaChunk - 1) / kMmaChunk;
-  const T* wrow = n0 + g < rows ? weight + (int64_t(e) * rows + n0 + g) * K : nullptr;
-  Vec<T> wv[kPre][kMmaVecs];
-  mma_gemv_preload(wv, wrow, warp, W, K, t);
-  const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // threads < 128 write (assignment m_out, row r_out)
-  const bool row_out = m_out < 16 && n0 + r_out < rows;
-  const float bias_v = row_out ? to_float(bias[int64_t(e) * rows + n0 + r_out]) : 0.f;
+  const T* wrow[R];
+  Vec<T> wv[R][kPre][kMmaVecs];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    wrow[r] = n0 + 8 * r + g < rows ? weight + (int64_t(e) * rows + n0 + 8 * r + g) * K : nullptr;
+    mma_gemv_preload(wv[r], wrow[r], warp, W, K, t);
+  }
+  constexpr int OPT = (16 * 8 * R + kGemvThreads - 1) / kGemvThreads;  // outputs a thread writes (at most)
+  float bias_v[OPT];
+#pragma unroll
+  for (int o = 0; o < OPT; ++o) {  // output i = threadIdx.x + o * threads: (assignment i / (8R), row n0 + i % (8R))
+    const int c = (threadIdx.x + o * kGemvThreads) % (8 * R);
+    bias_v[o] = n0 + c < rows ? to_float(bias[int64_t(e) * rows + n0 + c]) : 0.f;
+  }
   const int count = w.counts[e], off = w.offsets[e];  // <= kGemvMaxAssignments <= 16: one pass
   auto src = [&](int m) -> const T* {  // A row m: assignment off + m (FC1: its token's hidden row)
     if (m >= count) return nullptr;
     return input + int64_t(FC1 ? w.perm[off + m] % tokens : off + m) * K;
   };
   const T* const xr[2] = {src(g), src(g + 8)};
-  float acc[1][4] = {};
-  mma_gemv_accumulate<T, kPre, 1>(acc, wv, wrow, xr, warp, W, chunks, K, t);
-  part[warp][g][2 * t] = acc[0][0];
-  part[warp][g][2 * t + 1] = acc[0][1];
-  part[warp][g + 8][2 * t] = acc[0][2];
-  part[warp][g + 8][2 * t + 1] = acc[0][3];
-  __syncthreads();
-  if (row_out && m_out < count) {
-    float s = bias_v;
 #pragma unroll
-    for (int i = 0; i < W; ++i) s += part[i][m_out][r_out];
-    const int64_t p = off + m_out, n = n0 + r_out;
+  for (int r = 0; r < R; ++r) {
+    float acc[1][4] = {};
+    mma_gemv_accumulate<T, kPre, 1>(acc, wv[r], wrow[r], xr, warp, W, chunks, K, t);
+    part[warp][g][8 * r + 2 * t] = acc[0][0];
+    part[warp][g][8 * r + 2 * t + 1] = acc[0][1];
+    part[warp][g + 8][8 * r + 2 * t] = acc[0][2];
+    part[warp][g + 8][8 * r + 2 * t + 1] = acc[0][3];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int o = 0; o < OPT; ++o) {
+    const int i = threadIdx.x + o * kGemvThreads, m = i / (8 * R), c = i % (8 * R);
+    if (m >= count || n0 + c >= rows) continue;
+    float s = bias_v[o];
+#pragma unroll
+    for (int j = 0; j < W; ++j) s += part[j][m][c];
+    const int64_t p = off + m, n = n0 + c;
     if (FC1) {
       static_cast<T*>(w.act)[p * rows + n] = from_float<T>(activate(s, act_kind));
     } else if (kOut) {
@@ -595,8 +612,13 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
                  bool programmatic, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 rows)
-    const int grid = std::min(assignments, experts) * ((rows + 7) / 8);
-    if (K > kMmaChunk * (kGemvThreads / 32))
+    // K > 1024 (FC2): from 4 assignments a block covers 2 row groups (16 rows), 2 chunks of each preloaded
+    const bool short_k = K <= kMmaChunk * (kGemvThreads / 32), pairs = !short_k && assignments >= 4;
+    const int grid = std::min(assignments, experts) * ((rows + (pairs ? 15 : 7)) / (pairs ? 16 : 8));
+    if (pairs)
+      launch_if(programmatic, expert_mma_kernel<T, FC1, kOut, 2, 2>, grid, kGemvThreads, 0, stream, input, weight,
+                bias, w, residual, out, may_drop, tokens, rows, K, act_kind);
+    else if (!short_k)
       launch_if(programmatic, expert_mma_kernel<T, FC1, kOut, 4>, grid, kGemvThreads, 0, stream, input, weight, bias,
                 w, residual, out, may_drop, tokens, rows, K, act_kind);
     else
