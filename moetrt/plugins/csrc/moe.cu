@@ -552,9 +552,11 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int blocks_per_expert = (rows + 8 * R - 1) / (8 * R);
   const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8 * R;
-  if (slot >= w.active[0]) return;
+  // the active count and this slot's expert in one round trip (slot < experts: active[1 + slot] exists)
+  const int n_active = w.active[0], e = w.active[1 + slot];
+  if (slot >= n_active) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int e = w.active[1 + slot], chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  const int chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow[R];
   Vec<T> wv[R][kPre][kMmaVecs];
 #pragma unroll
