@@ -613,7 +613,7 @@ template <typename T, bool FC1, bool kOut = false, bool kSingle = false>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
                  bool programmatic, cudaStream_t stream) {
-  if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 rows)
+  if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 or 16 rows)
     // K > 1024 (FC2): from 4 assignments a block covers 2 row groups (16 rows), 2 chunks of each preloaded
     const bool short_k = K <= kMmaChunk * (kGemvThreads / 32), pairs = !short_k && assignments >= 4;
     const int grid = std::min(assignments, experts) * ((rows + (pairs ? 15 : 7)) / (pairs ? 16 : 8));
