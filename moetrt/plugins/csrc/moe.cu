@@ -59,25 +59,20 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
 
 // ---- gate logits = x · Wgᵀ in fp32: a warp per expert, a tile of kGateTok tokens per block -----------------
 constexpr int kGateTok = 8;
-// From this many tokens the register-tiled kernel below computes the gate; fewer run this one, with this many
-// experts a warp past kGateTok tokens (1 spreads the gate over most SMs, more re-use each block's x tile).
+// From this many tokens the register-tiled kernel below computes the gate; fewer run this one (one expert a warp
+// spreads the gate over most SMs; 4 experts a warp, re-using each block's x tile, measured slower up to 64 tokens).
 #ifndef MOETRT_GATE_TILED_MIN_TOKENS
 #define MOETRT_GATE_TILED_MIN_TOKENS 65
 #endif
-#ifndef MOETRT_GATE_EPW_MANY
-#define MOETRT_GATE_EPW_MANY 1
-#endif
-constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS, kGateEpwMany = MOETRT_GATE_EPW_MANY;
+constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS;
 template <typename T>
 __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
                                                           float* __restrict__ logits, int tokens, int hidden, int experts,
-                                                          int tile, int experts_per_warp) {
+                                                          int tile) {
   extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int ei = 0; ei < experts_per_warp; ++ei) {  // the gate rows into L2 while the previous kernel runs
-    const int e = (blockIdx.x * 4 + warp) * experts_per_warp + ei;
-    if (e < experts) prefetch_l2_range(wg + int64_t(e) * hidden, int64_t(hidden) * sizeof(float), lane, 32);
-  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = blockIdx.x * 4 + warp;
+  // the gate row into L2 while the previous kernel runs
+  if (e < experts) prefetch_l2_range(wg + int64_t(e) * hidden, int64_t(hidden) * sizeof(float), lane, 32);
   enter_after_predecessor();
   const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
   constexpr int VN = Vec<T>::N;
@@ -89,30 +84,27 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     for (int i = 0; i < VN; ++i) xs[v * VN + i] = to_float(xv.v[i]);
   }
   __syncthreads();
-  for (int ei = 0; ei < experts_per_warp; ++ei) {
-    const int e = (blockIdx.x * 4 + warp) * experts_per_warp + ei;
-    if (e >= experts) return;
-    const float* row = wg + int64_t(e) * hidden;
-    float acc[kGateTok];
+  if (e >= experts) return;
+  const float* row = wg + int64_t(e) * hidden;
+  float acc[kGateTok];
 #pragma unroll
-    for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
+  for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
 #pragma unroll 4
-    for (int i = lane * 4; i < hidden; i += 128) {
-      const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
-#pragma unroll
-      for (int j = 0; j < kGateTok; ++j)
-        if (j < nt) {
-          const float4 xv = *reinterpret_cast<const float4*>(xs + j * hidden + i);
-          acc[j] += w.x * xv.x + w.y * xv.y + w.z * xv.z + w.w * xv.w;
-        }
-    }
+  for (int i = lane * 4; i < hidden; i += 128) {
+    const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
 #pragma unroll
     for (int j = 0; j < kGateTok; ++j)
       if (j < nt) {
-        const float v = warp_sum(acc[j]);
-        if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
+        const float4 xv = *reinterpret_cast<const float4*>(xs + j * hidden + i);
+        acc[j] += w.x * xv.x + w.y * xv.y + w.z * xv.z + w.w * xv.w;
       }
   }
+#pragma unroll
+  for (int j = 0; j < kGateTok; ++j)
+    if (j < nt) {
+      const float v = warp_sum(acc[j]);
+      if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
+    }
 }
 
 // ---- gate logits for many tokens (prefill): a 16-token x 64-expert tile per block, register-tiled ----------------
@@ -616,7 +608,8 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
   if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 or 16 rows)
     // K > 1024 (FC2): from 4 assignments a block covers 2 row groups (16 rows), 2 chunks of each preloaded
     const bool short_k = K <= kMmaChunk * (kGemvThreads / 32), pairs = !short_k && assignments >= 4;
-    const int grid = std::min(assignments, experts) * ((rows + (pairs ? 15 : 7)) / (pairs ? 16 : 8));
+    const int block_rows = pairs ? 16 : 8;  // as expert_mma_kernel's 8 * R
+    const int grid = std::min(assignments, experts) * ((rows + block_rows - 1) / block_rows);
     if (pairs)
       launch_if(programmatic, expert_mma_kernel<T, FC1, kOut, 2, 2>, grid, kGemvThreads, 0, stream, input, weight,
                 bias, w, residual, out, may_drop, tokens, rows, K, act_kind);
@@ -967,10 +960,8 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
               h, experts);
   } else {
     const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
-    const int epw = tokens <= kGateTok ? 1 : kGateEpwMany;  // experts a warp
-    launch_if(programmatic, gate_logits_kernel<T>,
-              dim3((experts + 4 * epw - 1) / (4 * epw), (tokens + tile - 1) / tile), 128, tile * h * sizeof(float),
-              stream, hidden, gate_weight, w.logits, tokens, h, experts, tile, epw);
+    launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 3) / 4, (tokens + tile - 1) / tile), 128,
+              tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile);
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
