@@ -13,13 +13,12 @@ the KV-cache outputs) share their source's memory.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from moetrt.engines import cuda, decode_step
+from moetrt.engines import cuda
 from moetrt.engines.gemm import WORKSPACE_BYTES, Gemm, GemmContext, TUNING_FILE
 from moetrt.engines.program import Program, _slices, propagate
 from moetrt.errors import KernelError, MoetrtError
@@ -55,7 +54,6 @@ class StepPlan:
     default_rows: np.ndarray | None = None  # rows a Slice in the graph selects, when the caller gives none
     gemms: list = field(default_factory=list)
     gemv_candidates: list = field(default_factory=list)  # (key, cuBLASLt launches, GEMV launch) for tuning
-    buffers: list = field(default_factory=list)  # device memory of its own (the decode-step instruction table)
 
     def run(self) -> None:
         for fn in self.launches:
@@ -65,9 +63,6 @@ class StepPlan:
         for g in self.gemms:
             g.destroy()
         self.gemms = []
-        for b in self.buffers:
-            b.free()
-        self.buffers = []
 
 
 class CudaEngine:
@@ -76,9 +71,6 @@ class CudaEngine:
     # costs more than the separate LayerNorm (H100, 350M QKV: fused 4.3 / 5.2 / 6.6 / 9.3 us at 1 / 2 / 4 / 8
     # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/performance.md)
     fuse_layernorm_max_rows = 2
-    # One-token steps as one persistent kernel (decode_step.py) where the graph allows; otherwise, or when off,
-    # a kernel per op. MOETRT_DECODE_STEP=0 turns it off.
-    use_decode_step = os.environ.get("MOETRT_DECODE_STEP", "1") != "0"
 
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
@@ -162,13 +154,6 @@ class CudaEngine:
                 E, f, h = p.initializers[op.inputs[2]].shape
                 moe_ws = max(moe_ws, launch.moe_workspace_size(self.max_tokens, h, f, E, op.attrs["top_k"], self.dtype))
         self.moe_ws = self._alloc(moe_ws, "MoE workspace")
-        self.step_ws = None
-        if self.dtype in ("fp16", "bf16"):  # the decode-step kernel's: MoE routing, attention splits, barrier
-            nbytes, _ = decode_step.workspace_bytes(self)
-            self.step_ws = self._alloc(_aligned(nbytes) + ALIGN, "decode-step workspace")
-            self.step_sync = self.step_ws.ptr + _aligned(nbytes)  # 8 bytes: the grid barrier's counters
-            self.stream.memset(self.step_ws.ptr, 0, self.step_ws.nbytes)
-        self.decode_step_reason = None  # why one-token steps run kernel per op, once a plan has been tried
         self.gemm_ws = self._alloc(WORKSPACE_BYTES, "cuBLASLt workspace")
         self.gemm_ctx = GemmContext(self.gemm_ws.ptr, self.device.name, p.base_dir / TUNING_FILE)
         self._plan_buffers()
@@ -336,19 +321,6 @@ class CudaEngine:
         launches, gemms, candidates = [], [], []
         N = B * T
         default_rows = None
-        step = None  # one-token steps: one persistent kernel for everything before the LM head
-        if N == 1 and gemv is None and self.use_decode_step and self.step_ws is not None:
-            try:
-                table = decode_step.build(self, shapes)
-            except decode_step.Unsupported as exc:
-                self.decode_step_reason = str(exc)
-            else:
-                buf = cuda.DeviceBuffer(table.nbytes, "decode-step instructions")
-                cuda.call(cuda.runtime_api().cudaMemcpy, buf.ptr, table.ctypes.data, table.nbytes,
-                          cuda.runtime_api().cudaMemcpyKind.cudaMemcpyHostToDevice, what="copying decode-step instructions")
-                step = buf
-                launches.append(launch.decode_step(buf.ptr, len(table), self.step_sync, self.dtype, stream=s,
-                                                   defer=True))
         fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= self.fuse_layernorm_max_rows else {}
         pending = {}  # GEMM op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
 
@@ -364,7 +336,7 @@ class CudaEngine:
                     view = self._view(ins[0], shapes[ins[0]])
                     launches.append(self.comm.all_reduce_launch(view, self.stream.ptr))
                 continue
-            if op.kind in ("alias", "select") or (step is not None and op is not self.head):
+            if op.kind in ("alias", "select"):
                 continue
             if op is self.head:
                 src_shape = shapes[self.head_source]
@@ -474,7 +446,7 @@ class CudaEngine:
                                            capacity_factor=a["capacity_factor"], min_capacity=a["min_capacity"],
                                            stream=s, defer=True))
         assert not pending, f"LayerNorms left unfused and unlaunched: {sorted(pending)}"
-        plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates, [step] if step else [])
+        plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates)
         self.plans[key] = plan
         return plan
 

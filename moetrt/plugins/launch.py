@@ -28,8 +28,6 @@ _SIGNATURES = {
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
     "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
-    "moetrt_decode_step_grid": [ctypes.POINTER(_I32)],
-    "moetrt_decode_step": [_P, _I32, _P, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
 
@@ -372,33 +370,3 @@ def add_layernorm_gemv(x, delta, gamma, beta, sum_out, weight, bias, y, activati
                    (a.ptr, d.ptr if d else None, g.ptr, bt.ptr, s.ptr if s else None, w.ptr, b.ptr if b else None,
                     o.ptr, M, N, K, epsilon, _activation(activation), DTYPE_CODES[a.dtype], stream),
                    "add_layernorm_gemv", defer)
-
-
-# The batch-1 decode step kernel (csrc/decode_step.cu; moetrt_kernels.h documents the instruction fields).
-STEP_OPS = {"gemv": 1, "gate": 2, "fc1": 3, "fc2": 4, "attention": 5, "layernorm": 6}
-STEP_LN = {"none": 0, "plain": 1, "add": 2, "embed": 3}
-STEP_FIELDS = ("op ln_kind ln_x ln_delta ln_gamma ln_beta ln_sum ln_normed ids pos wte wpe vocab max_pos eps "
-               "x w bias y n k act logits experts top_k past heads head_dim max_seq ws counters max_splits").split()
-STEP_MAX_RESULTS = 1024      # MOETRT_DECODE_STEP_MAX_RESULTS
-STEP_X_BYTES = 16 << 10      # MOETRT_DECODE_STEP_X_BYTES
-STEP_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def decode_step_grid() -> int:
-    """Blocks (one per SM of the current device) a decode-step launch uses."""
-    n = _I32(0)
-    check(_fn("moetrt_decode_step_grid")(ctypes.byref(n)), "decode_step_grid")
-    return n.value
-
-
-def decode_step(table_ptr: int, num_ops: int, sync_ptr: int, dtype: str, stream: int = 0, defer: bool = False):
-    """One batch-1 decode step: ``num_ops`` instructions of ``len(STEP_FIELDS)`` int64 each at device address
-    ``table_ptr``, as ``moetrt.engines.decode_step`` builds them (it checks their operands); ``sync_ptr``: 8 zeroed
-    bytes of device memory, left zeroed."""
-    if num_ops < 1 or not table_ptr or table_ptr % 16 or not sync_ptr or sync_ptr % 8:
-        raise KernelError(f"decode_step: needs at least one instruction and aligned device pointers "
-                          f"(table {table_ptr:#x}, {num_ops} ops, sync {sync_ptr:#x})")
-    if dtype not in ("fp16", "bf16"):
-        raise KernelError(f"decode_step: dtype must be fp16 or bf16, got {dtype}")
-    return _launch("moetrt_decode_step", (table_ptr, num_ops, sync_ptr, DTYPE_CODES[dtype], stream), "decode_step",
-                   defer)

@@ -98,26 +98,3 @@ MOETRT_API int moetrt_add_layernorm_gemv(const void* x, const void* delta, const
                                          void* sum_out, const void* weight, const void* bias, void* y, int64_t rows,
                                          int64_t n, int64_t k, float epsilon, int activation, int dtype,
                                          cudaStream_t stream);
-
-// A whole batch-1 decode step (fp16/bf16) as one persistent kernel (see decode_step.cu): `ops` (device memory) holds
-// num_ops instructions of MK_FIELDS int64 each, run in order with a grid-wide barrier between them; `sync` is 8
-// zero-filled bytes of device memory, left zeroed. Pointers are device addresses as int64; eps is the float's bits.
-// The caller checks the limits: rows of a stage per block (ceil(N / grid) x top_k) <= MOETRT_DECODE_STEP_MAX_RESULTS,
-// a stage's input vectors (top_k x K elements for FC2, else K) and the attention scratch within
-// MOETRT_DECODE_STEP_X_BYTES, head_dim one of 16, 32, 64, 128, K % 8 == 0, one token (the MoE never drops).
-#define MOETRT_DECODE_STEP_MAX_RESULTS 1024
-#define MOETRT_DECODE_STEP_X_BYTES (16 << 10)
-enum moetrt_step_op { MK_GEMV = 1, MK_GATE = 2, MK_FC1 = 3, MK_FC2 = 4, MK_ATTN = 5, MK_LN = 6 };
-enum moetrt_step_ln { MK_LN_NONE = 0, MK_LN_PLAIN = 1, MK_LN_ADD = 2, MK_LN_EMBED = 3 };
-enum moetrt_step_field {
-  MK_OP, MK_LN_KIND, MK_LN_X, MK_LN_DELTA, MK_LN_GAMMA, MK_LN_BETA, MK_LN_SUM, MK_LN_NORMED,  // LayerNorm prologue
-  MK_IDS, MK_POS, MK_WTE, MK_WPE, MK_VOCAB, MK_MAX_POS, MK_EPS,                             // (embedding source)
-  MK_X, MK_W, MK_BIAS, MK_Y, MK_N, MK_K, MK_ACT,  // GEMV-like: y [N] = act(x [K] . W [N, K]^T + bias); attention:
-                                                  // X qkv, W the K cache and BIAS the V cache of sequence 0, Y out
-  MK_LOGITS, MK_EXPERTS, MK_TOP_K,                // MoE: the gate's fp32 logits; W [E, N, K], BIAS [E, N]
-  MK_PAST, MK_HEADS, MK_HEAD_DIM, MK_MAX_SEQ, MK_WS, MK_COUNTERS, MK_MAX_SPLITS,  // attention: past_lengths,
-                                                  // split workspace [heads, max_splits, head_dim + 2] fp32, counters
-  MK_FIELDS
-};
-MOETRT_API int moetrt_decode_step_grid(int* blocks);  // the blocks a launch uses (one per SM)
-MOETRT_API int moetrt_decode_step(const int64_t* ops, int num_ops, void* sync, int dtype, cudaStream_t stream);
