@@ -21,7 +21,7 @@ import numpy as np
 from moetrt.engines import cuda
 from moetrt.engines.cuda_backend import CudaEngine
 from moetrt.engines.format import EngineManifest
-from moetrt.engines.gemm import time_us
+from moetrt.engines.gemm import time_us, tune_gemms
 from moetrt.engines.program import analyze
 from moetrt.engines.runtime import Closing, check_input_ids, pad_prompts
 from moetrt.engines.sampling import check_params
@@ -285,14 +285,24 @@ class CudaRuntime(Closing):
         entries: dict[str, dict] = {}
         for B, T, rows in shapes:
             plan = e.plan(B, T, rows, gemv=False)  # every GEMM on cuBLASLt, to time both ways
+            # each shape is timed over all its instances in turn (every layer's weights: from DRAM, as in a step)
+            by_shape: dict[str, list] = {}
             for g in plan.gemms:
-                if g.key not in entries:
-                    algo, us = g.tune()
-                    entries[g.key] = {"algo": algo, "us": round(us, 2)}
-            for key, calls, gemv_call in plan.gemv_candidates:
+                by_shape.setdefault(g.key, []).append(g)
+            for key, gs in by_shape.items():
                 if key not in entries:
-                    lib = time_us(e.stream, lambda: [c() for c in calls])
-                    ours = time_us(e.stream, gemv_call)
+                    algo, us = tune_gemms(gs)
+                    entries[key] = {"algo": algo, "us": round(us, 2)}
+                else:  # tuned in an earlier shape's plan
+                    for g in gs:
+                        g.set_algo(entries[key]["algo"])
+            candidates: dict[str, list] = {}
+            for key, calls, gemv_call in plan.gemv_candidates:
+                candidates.setdefault(key, []).append((calls, gemv_call))
+            for key, group in candidates.items():
+                if key not in entries:
+                    lib = time_us(e.stream, lambda: [c() for calls, _ in group for c in calls]) / len(group)
+                    ours = time_us(e.stream, lambda: [g() for _, g in group]) / len(group)
                     entries[key] = {"gemv": ours < lib, "us_gemv": round(ours, 2), "us_cublaslt": round(lib, 2)}
             if progress:
                 progress(f"      tuned the GEMMs of a {B}x{T} step")

@@ -121,7 +121,7 @@ class Gemm:
         self.algo = np.zeros(1, dtype=lt.matmul_algo_dtype)
         tuned = ctx.tuned.get(self.key)
         if tuned is not None:
-            self.algo = np.frombuffer(bytes.fromhex(tuned), dtype=lt.matmul_algo_dtype).copy()
+            self.set_algo(tuned)
         else:
             candidates = self.candidates()
             self.algo[0] = candidates[0]["algo"]
@@ -147,6 +147,9 @@ class Gemm:
         ctx.heuristic_cache[self.key] = results
         return results
 
+    def set_algo(self, algo_hex: str) -> None:
+        self.algo = np.frombuffer(bytes.fromhex(algo_hex), dtype=self.ctx.lt.matmul_algo_dtype).copy()
+
     def launch(self) -> None:
         w, x, y = self.ptrs
         ctx = self.ctx
@@ -154,24 +157,29 @@ class Gemm:
                       y, self.d, y, self.d, self.algo.ctypes.data, ctx.workspace_ptr, WORKSPACE_BYTES,
                       self.stream.ptr)
 
-    def tune(self) -> tuple[str, float]:
-        """Time each heuristic candidate here (operands as bound, in a CUDA graph) and keep the fastest."""
-        best = None
-        for cand in self.candidates():
-            self.algo[0] = cand["algo"]
-            try:
-                us = time_us(self.stream, self.launch)
-            except Exception:  # a candidate that fails at run time is skipped
-                continue
-            if best is None or us < best[1]:
-                best = (self.algo.tobytes().hex(), us)
-        if best is None:
-            raise CudaError(f"{self.what}: no cuBLASLt candidate ran for {self.key}")
-        self.algo = np.frombuffer(bytes.fromhex(best[0]), dtype=self.ctx.lt.matmul_algo_dtype).copy()
-        return best
-
     def destroy(self) -> None:
         lt = self.ctx.lt
         for layout in (self.a, self.b, self.d):
             lt.matrix_layout_destroy(layout)
         lt.matmul_desc_destroy(self.desc)
+
+
+def tune_gemms(gemms: list[Gemm]) -> tuple[str, float]:
+    """Time each heuristic candidate of these GEMMs of one shape (every layer's instance, operands as bound) and
+    set the fastest on all of them. One CUDA graph runs the instances in turn, as a step does, so that each reads
+    its weights from DRAM rather than from an L2 its own previous call warmed. Returns (algorithm, us per GEMM)."""
+    best = None
+    for cand in gemms[0].candidates():
+        for g in gemms:
+            g.algo[0] = cand["algo"]
+        try:
+            us = time_us(gemms[0].stream, lambda: [g.launch() for g in gemms]) / len(gemms)
+        except Exception:  # a candidate that fails at run time is skipped
+            continue
+        if best is None or us < best[1]:
+            best = (gemms[0].algo.tobytes().hex(), us)
+    if best is None:
+        raise CudaError(f"{gemms[0].what}: no cuBLASLt candidate ran for {gemms[0].key}")
+    for g in gemms:
+        g.set_algo(best[0])
+    return best
