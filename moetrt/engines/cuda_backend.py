@@ -66,11 +66,12 @@ class StepPlan:
 
 
 class CudaEngine:
-    fuse_layernorm = True  # a LayerNorm and the GEMV reading it as one kernel (decode plans; see plan)
+    fuse_layernorm = True  # a LayerNorm and the GEMV or MoE reading it as one kernel (decode plans; see plan)
     # ... up to this many rows: every block of the fused kernel re-reads the rows to normalise, which from 4 rows
     # costs more than the separate LayerNorm (H100, 350M QKV: fused 4.3 / 5.2 / 6.6 / 9.3 us at 1 / 2 / 4 / 8
     # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/performance.md)
     fuse_layernorm_max_rows = 2
+    fuse_layernorm_moe = True  # the LayerNorm before a MoE inside its gate kernel (one token; see plan)
 
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
@@ -242,8 +243,8 @@ class CudaEngine:
                     last_use[self.resolve(t)] = i
         for o in p.outputs:
             last_use[self.resolve(o)] = len(ops)
-        if self.fuse_layernorm:  # a fused LayerNorm + GEMV reads the LayerNorm's inputs while writing the GEMM's output
-            for i, j in self._layernorm_gemm_pairs().items():
+        if self.fuse_layernorm:  # a fused LayerNorm + GEMV (or MoE) reads the LayerNorm's inputs while writing its output
+            for i, j in self._layernorm_pairs().items():
                 for t in ops[i].inputs[:2] if ops[i].kind == "add_layernorm" else ():
                     if t:
                         last_use[self.resolve(t)] = max(last_use.get(self.resolve(t), -1), j)
@@ -321,8 +322,12 @@ class CudaEngine:
         launches, gemms, candidates = [], [], []
         N = B * T
         default_rows = None
-        fusable = self._layernorm_gemm_pairs() if self.fuse_layernorm and N <= self.fuse_layernorm_max_rows else {}
-        pending = {}  # GEMM op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
+        # a LayerNorm is fused into the GEMV after it up to fuse_layernorm_max_rows, into a MoE at any size (the
+        # library normalises inside the gate kernel for one token and launches it separately beyond)
+        fusable = {i: j for i, j in self._layernorm_pairs().items()
+                   if (self.fuse_layernorm_moe if p.ops[j].kind == "moe" else N <= self.fuse_layernorm_max_rows)} \
+            if self.fuse_layernorm else {}
+        pending = {}  # GEMM / MoE op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
 
         def layernorm(index: int, ln: tuple) -> None:  # launched now, or deferred into the GEMM it feeds
             if index in fusable:
@@ -439,20 +444,30 @@ class CudaEngine:
                 x, gate, w1, b1, w2, b2 = ins
                 n, h = int(np.prod(shapes[x][:-1])), shapes[x][-1]
                 a = op.attrs
-                launches.append(launch.moe(self._view(x, (n, h)), self._view(gate, ()), self._view(w1, ()),
-                                           self._view(b1, ()), self._view(w2, ()), self._view(b2, ()),
-                                           self._view(outs[0], (n, h)), self.moe_ws.view((self.moe_ws.nbytes,), "uint8"),
-                                           top_k=a["top_k"], activation=a["activation"],
-                                           capacity_factor=a["capacity_factor"], min_capacity=a["min_capacity"],
-                                           stream=s, defer=True))
+                weights = (self._view(gate, ()), self._view(w1, ()), self._view(b1, ()), self._view(w2, ()),
+                           self._view(b2, ()), self._view(outs[0], (n, h)),
+                           self.moe_ws.view((self.moe_ws.nbytes,), "uint8"))
+                kw = dict(top_k=a["top_k"], activation=a["activation"], capacity_factor=a["capacity_factor"],
+                          min_capacity=a["min_capacity"], stream=s, defer=True)
+                ln = pending.pop(index, None)
+                if ln is not None:
+                    (lx, ld, lg, lb, lsum, lnormed), lkw = ln
+                    try:  # the LayerNorm in the gate kernel
+                        launches.append(launch.add_layernorm_moe(lx, ld, lg, lb, lsum, lnormed, *weights,
+                                                                 epsilon=lkw["epsilon"], **kw))
+                        continue
+                    except KernelError:  # sum or normed share a buffer with x or delta, say
+                        launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
+                launches.append(launch.moe(self._view(x, (n, h)), *weights, **kw))
         assert not pending, f"LayerNorms left unfused and unlaunched: {sorted(pending)}"
         plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates)
         self.plans[key] = plan
         return plan
 
-    def _layernorm_gemm_pairs(self) -> dict[int, int]:
-        """{LayerNorm op index: GEMM op index} where the GEMM is the only reader of the normalised tensor and
-        nothing but aliases runs between them: candidates for one fused kernel (when the GEMV runs the GEMM)."""
+    def _layernorm_pairs(self) -> dict[int, int]:
+        """{LayerNorm op index: GEMM or MoE op index} where that op is the only reader of the normalised tensor
+        and nothing but aliases runs between them: candidates for one fused kernel (a GEMM only when the GEMV
+        runs it)."""
         ops = self.program.ops
         readers: dict[str, list[int]] = {}
         for i, op in enumerate(ops):
@@ -471,7 +486,7 @@ class CudaEngine:
                 continue
             j = r[0]
             g = ops[j]
-            if g.kind == "gemm" and g is not self.head and self.resolve(g.inputs[0]) == normed and \
+            if (g.kind == "moe" or g.kind == "gemm" and g is not self.head) and self.resolve(g.inputs[0]) == normed and \
                     all(ops[k].kind in ("alias", "select") for k in range(i + 1, j)):
                 pairs[i] = j
         return pairs

@@ -25,6 +25,8 @@ _SIGNATURES = {
     "moetrt_moe_capacity": [_I64, _I32, _I32, _F32, _I32],
     "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
+    "moetrt_add_layernorm_moe": [_P] * 6 + [_F32] + [_P] * 7 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ,
+                                                                                   _P],
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
     "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
@@ -223,10 +225,9 @@ def moe_workspace_size(tokens: int, hidden: int, ffn: int, experts: int, top_k: 
     return size.value
 
 
-def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k: int = 1,
-        activation: str = "gelu_tanh", capacity_factor: float = 0.0, min_capacity: int = 4, residual=None,
-        stream: int = 0, defer: bool = False):
-    """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``."""
+def _moe_args(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k, activation,
+              capacity_factor, min_capacity, residual, stream) -> tuple[DeviceArray, tuple]:
+    """The checked arguments of ``moetrt_moe`` after ``hidden``; returns (hidden, those arguments)."""
     x = DeviceArray.of(hidden, "hidden")
     if len(x.shape) != 2:
         raise KernelError(f"hidden: expected [tokens, hidden], got {x.shape}")
@@ -257,10 +258,46 @@ def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, wo
     nbytes = _nbytes(ws)
     if nbytes < need:
         raise KernelError(f"workspace: {nbytes} bytes, moe needs {need}")
-    return _launch("moetrt_moe", (x.ptr, ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"],
-                            ptrs["fc2_bias"], res.ptr if res else None, ptrs["out"], N, h, f, E, top_k,
-                            _activation(activation), capacity_factor, min_capacity, DTYPE_CODES[x.dtype], ws.ptr,
-                            nbytes, stream,), "moe", defer)
+    return x, (ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"], ptrs["fc2_bias"],
+               res.ptr if res else None, ptrs["out"], N, h, f, E, top_k, _activation(activation), capacity_factor,
+               min_capacity, DTYPE_CODES[x.dtype], ws.ptr, nbytes, stream)
+
+
+def moe(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k: int = 1,
+        activation: str = "gelu_tanh", capacity_factor: float = 0.0, min_capacity: int = 4, residual=None,
+        stream: int = 0, defer: bool = False):
+    """The MoE plugin op (``specs.MOE``) on ``hidden [N, h]``; ``out = residual + moe(hidden)``."""
+    x, args = _moe_args(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k,
+                        activation, capacity_factor, min_capacity, residual, stream)
+    return _launch("moetrt_moe", (x.ptr,) + args, "moe", defer)
+
+
+def add_layernorm_moe(x, delta, gamma, beta, sum_out, normed, gate_weight, fc1_weight, fc1_bias, fc2_weight,
+                      fc2_bias, out, workspace, top_k: int = 1, activation: str = "gelu_tanh",
+                      capacity_factor: float = 0.0, min_capacity: int = 4, residual=None, epsilon: float = 1e-5,
+                      stream: int = 0, defer: bool = False):
+    """``add_layernorm`` then ``moe`` on its ``normed`` output, the LayerNorm inside the MoE's gate kernel for one
+    token (batch-1 decode; more tokens launch it separately): the same bits as the two calls, one launch fewer. ``sum_out`` and ``normed`` are
+    written (``sum_out`` only with ``delta``) and must not overlap ``x`` or ``delta`` (blocks write them while
+    others still read those)."""
+    a = DeviceArray.of(x, "x")
+    if len(a.shape) != 2:
+        raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
+    rows, h = a.shape
+    _expect(a, "x", (rows, h), _float_dtypes())
+    if h > 1024 * (16 // (4 if a.dtype == "fp32" else 2)):
+        raise KernelError(f"add_layernorm_moe: hidden {h} exceeds the LayerNorm kernel's 1024 vectors of 16 bytes")
+    d, s, g, b = _add_layernorm_operands(a, delta, sum_out, gamma, beta)
+    n = DeviceArray.of(normed, "normed")
+    _expect(n, "normed", (rows, h), (a.dtype,))
+    for written, wname in ((s, "sum_out"), (n, "normed")):
+        for read, rname in ((a, "x"), (d, "delta")):
+            if written is not None and read is not None and _overlap(written, read):
+                raise KernelError(f"add_layernorm_moe: {wname} overlaps {rname}")
+    _, args = _moe_args(normed, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, workspace, top_k,
+                        activation, capacity_factor, min_capacity, residual, stream)
+    return _launch("moetrt_add_layernorm_moe", (a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None,
+                                                n.ptr, epsilon) + args, "add_layernorm_moe", defer)
 
 
 def _nbytes(arr: DeviceArray) -> int:

@@ -252,10 +252,11 @@ def test_unfolded_weight_transposes_run_as_transposed_gemms(tmp_path):
 
 
 
-def test_layernorm_fused_into_the_next_gemv_changes_no_bit(tmp_path, monkeypatch):
+def test_layernorm_fused_into_the_next_gemv_or_moe_changes_no_bit(tmp_path, monkeypatch):
     """Decode steps run each LayerNorm whose only reader is a GEMV-run GEMM (QKV, dense FC1) inside that GEMV's
-    kernel: logits of decode steps and generated tokens equal the two-kernel plan's bit for bit. (Weights of
-    1 MiB and more stay [out, in] (fold's threshold), so hidden 512 is the smallest model with GEMV-run GEMMs.)"""
+    kernel, and every step the LayerNorm before a MoE inside its gate kernel: logits of decode steps and generated
+    tokens equal the separate-kernel plan's bit for bit. (Weights of 1 MiB and more stay [out, in] (fold's
+    threshold), so hidden 512 is the smallest model with GEMV-run GEMMs.)"""
     from moetrt.engines.cuda_backend import CudaEngine
     from moetrt.models.checkpoints import init_checkpoint
     from moetrt.models.config import ModelConfig
@@ -276,11 +277,17 @@ def test_layernorm_fused_into_the_next_gemv_changes_no_bit(tmp_path, monkeypatch
             whats = [getattr(fn, "what", "") for fn in rt.engine.plan(2, 1).launches]
             # the first layer's QKV and dense FC1, the second layer's QKV (its FFN is the MoE)
             assert whats.count("add_layernorm_gemv") == (3 if fuse else 0), whats
-            results[fuse] = rt.run(dict(feeds)), rt.generate(prompts, 12)
-    (fused, tokens), (plain, tokens_plain) = results[True], results[False]
-    assert tokens == tokens_plain
-    for name in plain:
-        assert np.array_equal(fused[name], plain[name]), name
+            assert whats.count("add_layernorm_moe") == (1 if fuse else 0), whats
+            # one sequence: the MoE's gate kernel normalises the token itself
+            one = dict(feeds, input_ids=feeds["input_ids"][:1], past_lengths=feeds["past_lengths"][:1],
+                       position_ids=feeds["position_ids"][:1])
+            results[fuse] = (rt.run(dict(feeds)), rt.run(one), rt.generate(prompts, 12),
+                             rt.generate(prompts[:1], 12))
+    fused, plain = results[True], results[False]
+    assert fused[2:] == plain[2:]
+    for f, p in zip(fused[:2], plain[:2]):
+        for name in p:
+            assert np.array_equal(f[name], p[name]), name
 
 def test_validate_with_the_gpu_runner(engine16):
     from moetrt.compiler.validate import validate

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from moetrt.errors import KernelError
 from moetrt.plugins import launch
 from moetrt.plugins.specs import (
     add_layernorm_reference, attention_reference, bias_act_reference, moe_reference, moe_route_reference)
@@ -316,6 +317,61 @@ def test_moe_capacity_dropping(dtype, N, top_k, factor):
     capacity = launch.moe_capacity(N, E, top_k, factor, 1)
     assert 1 <= capacity and capacity * E < N * top_k and (w == 0).any()
     run_moe(dtype, N, E, h, f, top_k, factor, 1, weights=weights, hidden=x)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+# one token is normalised inside the gate kernel (top-1 without routing, top-2 through it; with and without delta;
+# h 40: vectors not a multiple of the block); 3, 8, 64 and 65 tokens launch the LayerNorm separately
+@pytest.mark.parametrize("N, top_k, h, with_delta", [(1, 1, 1024, True), (1, 2, 256, False), (1, 1, 40, True),
+                                                     (3, 2, 1024, True), (8, 1, 256, False), (64, 2, 256, True),
+                                                     (65, 1, 256, True)])
+def test_add_layernorm_moe_equals_the_two_calls(dtype, N, top_k, h, with_delta):
+    """add_layernorm_moe gives the bits of add_layernorm followed by moe (sum, normed and the layer output), and
+    its normed rows match the float64 LayerNorm."""
+    E, f = 16, 256
+    dt = DTYPES[dtype]
+    weights = moe_weights(E, h, f, dt, N + h)
+    x = torch.randn(N, h, device="cuda").to(dt)
+    delta = torch.randn(N, h, device="cuda").to(dt) if with_delta else None
+    gamma = (1 + 0.2 * torch.randn(h, device="cuda")).to(dt)
+    beta = (0.2 * torch.randn(h, device="cuda")).to(dt)
+    outs = []
+    for fused in (False, True):
+        total = poisoned((N, h), dt) if with_delta else None
+        normed, out = poisoned((N, h), dt), poisoned((N, h), dt)
+        ws = torch.full((launch.moe_workspace_size(N, h, f, E, top_k, dtype),), 0xFF, dtype=torch.uint8,
+                        device="cuda")
+        if fused:
+            launch.add_layernorm_moe(x, delta, gamma, beta, total, normed, *weights, out, ws, top_k, epsilon=1e-5)
+        else:
+            launch.add_layernorm(x, delta, gamma, beta, total, normed, 1e-5)
+            launch.moe(normed, *weights, out, ws, top_k)
+        torch.cuda.synchronize()
+        outs.append((total, normed, out))
+    (t0, n0, o0), (t1, n1, o1) = outs
+    assert not torch.isnan(o1).any() and not torch.isnan(n1).any()
+    assert t1 is None or torch.equal(t0, t1)
+    assert torch.equal(n0, n1) and torch.equal(o0, o1)
+    ref_normed = add_layernorm_reference(cpu(t1 if with_delta else x), None, cpu(gamma), cpu(beta), 1e-5)[1]
+    assert rel_err(n1, ref_normed) < BOUND[dtype]
+
+
+def test_add_layernorm_moe_refuses_outputs_over_its_inputs():
+    E, h, f, N = 4, 64, 128, 2
+    dt = torch.float16
+    weights = moe_weights(E, h, f, dt, 1)
+    x, g = torch.randn(N, h, device="cuda").to(dt), torch.ones(h, device="cuda", dtype=dt)
+    out = torch.empty(N, h, device="cuda", dtype=dt)
+    ws = torch.empty(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")
+    with pytest.raises(KernelError, match="normed overlaps x"):
+        launch.add_layernorm_moe(x, None, g, g, None, x, *weights, out, ws)
+    with pytest.raises(KernelError, match="sum_out overlaps delta"):
+        d = x.clone()
+        launch.add_layernorm_moe(x, d, g, g, d, out.clone(), *weights, out, ws)
+    with pytest.raises(KernelError, match="exceeds the LayerNorm kernel"):
+        big = torch.zeros(1, 12288, device="cuda", dtype=dt)
+        launch.add_layernorm_moe(big, None, big[0], big[0], None, big.clone(), *moe_weights(E, 12288, 8, dt, 2),
+                                 big.clone(), ws)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -65,23 +65,113 @@ constexpr int kGateTok = 8;
 #define MOETRT_GATE_TILED_MIN_TOKENS 65
 #endif
 constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS;
-template <typename T>
+// With kLn (the AddLayerNorm before the MoE fused in, one token): each block normalises its token tile as
+// moetrt_add_layernorm does (sum = x + delta rounded to T, fp32 statistics, normed rounded to T) straight into the
+// tile it multiplies, and blocks of column 0 store sum and normed (FC1 reads normed after its wait); gamma and beta
+// go to L2 before the wait. hidden <= 128 * kGateLnVecs vectors of 16 bytes, add_layernorm_kernel's limit.
+// Measured on an H100 (350M decode graphs, docs/performance.md): one token 0.589 against 0.609 ms with the separate
+// LayerNorm; at 8 tokens the per-token loads after the wait cost more than the launch saved (1.093 against 1.051 ms),
+// so from 2 tokens the LayerNorm stays its own kernel (kGateLnMaxTokens).
+constexpr int kGateLnVecs = 8;
+constexpr int kGateLnMaxTokens = 1;
+struct GateLn {
+  const void *x, *delta, *gamma, *beta;
+  void *sum_out, *normed;  // normed: the MoE's input (`x` of the kernel, not read with kLn)
+  float eps;
+};
+template <typename T, bool kLn = false>
 __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
                                                           float* __restrict__ logits, int tokens, int hidden, int experts,
-                                                          int tile) {
+                                                          int tile, GateLn ln) {
   extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = blockIdx.x * 4 + warp;
+  constexpr int VN = Vec<T>::N;
+  const int hv = hidden / VN;
   // the gate row into L2 while the previous kernel runs
   if (e < experts) prefetch_l2_range(wg + int64_t(e) * hidden, int64_t(hidden) * sizeof(float), lane, 32);
+  if constexpr (kLn) {
+    prefetch_l2_range(ln.gamma, int64_t(hidden) * sizeof(T), threadIdx.x, 128);
+    prefetch_l2_range(ln.beta, int64_t(hidden) * sizeof(T), threadIdx.x, 128);
+  }
   enter_after_predecessor();
   const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
-  constexpr int VN = Vec<T>::N;
-#pragma unroll 4
-  for (int v = threadIdx.x; v < nt * hidden / VN; v += blockDim.x) {  // 16-byte loads, several in flight
-    Vec<T> xv;
-    xv.load(x + int64_t(t0) * hidden + v * VN);
+  if constexpr (kLn) {
+    const T* lx = static_cast<const T*>(ln.x) + int64_t(t0) * hidden;
+    const T* ld = static_cast<const T*>(ln.delta);
+    T* ls = static_cast<T*>(ln.sum_out);
+    const bool store = blockIdx.x == 0;
+    // plain loops over this thread's vectors and the tile's tokens: unrolled over their upper bounds, the predicated
+    // bodies made a kernel of thousands of instructions (its LayerNorm measured ~7 us at one token)
+    for (int v = threadIdx.x; v < hv; v += 128)
+      for (int j = 0; j < nt; ++j) {
+        Vec<T> a, d;
+        a.load(lx + int64_t(j) * hidden + v * VN);
+        if (ld) d.load(ld + int64_t(t0 + j) * hidden + v * VN);
 #pragma unroll
-    for (int i = 0; i < VN; ++i) xs[v * VN + i] = to_float(xv.v[i]);
+        for (int k = 0; k < VN; ++k) {
+          if (ld) a.v[k] = from_float<T>(to_float(a.v[k]) + to_float(d.v[k]));  // the residual stream is in T
+          xs[j * hidden + v * VN + k] = to_float(a.v[k]);
+        }
+      }
+    __syncthreads();
+    if (ld && ls && store) {
+      for (int v = threadIdx.x; v < nt * hv; v += 128) {
+        Vec<T> o;
+#pragma unroll
+        for (int k = 0; k < VN; ++k) o.v[k] = from_float<T>(xs[v * VN + k]);
+        o.store(ls + int64_t(t0) * hidden + v * VN);
+      }
+    }
+    // Statistics exactly as add_layernorm_kernel forms them (same thread-to-vector map, same order of additions,
+    // block_sum's tree over its 4 warps), so that the normalised values match its bits.
+    __shared__ float part[kGateTok][4], stat[kGateTok][2];
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int j = 0; j < nt; ++j) {
+        float loc = 0.f;
+        for (int v = threadIdx.x; v < hv; v += 128) {
+          const float* r = xs + j * hidden + v * VN;
+#pragma unroll
+          for (int k = 0; k < VN; ++k) {
+            if (pass == 0) loc += r[k];
+            else { const float c = r[k] - stat[j][0]; loc += c * c; }
+          }
+        }
+        const float w = warp_sum(loc);
+        if (lane == 0) part[j][warp] = w;
+      }
+      __syncthreads();
+      if (threadIdx.x < nt) {
+        const int j = threadIdx.x;
+        const float total = ((part[j][0] + part[j][2]) + (part[j][1] + part[j][3])) / static_cast<float>(hidden);
+        if (pass == 0) stat[j][0] = total;
+        else stat[j][1] = rsqrtf(total + ln.eps);
+      }
+      __syncthreads();
+    }
+    T* normed = static_cast<T*>(ln.normed);
+    for (int v = threadIdx.x; v < hv; v += 128) {
+      Vec<T> gam, bet;
+      gam.load(static_cast<const T*>(ln.gamma) + v * VN);
+      bet.load(static_cast<const T*>(ln.beta) + v * VN);
+      for (int j = 0; j < nt; ++j) {
+        float* row = xs + j * hidden + v * VN;
+        Vec<T> o;
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+          o.v[k] = from_float<T>((row[k] - stat[j][0]) * stat[j][1] * to_float(gam.v[k]) + to_float(bet.v[k]));
+          row[k] = to_float(o.v[k]);
+        }
+        if (store) o.store(normed + int64_t(t0 + j) * hidden + v * VN);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int v = threadIdx.x; v < nt * hv; v += blockDim.x) {  // 16-byte loads, several in flight
+      Vec<T> xv;
+      xv.load(x + int64_t(t0) * hidden + v * VN);
+#pragma unroll
+      for (int i = 0; i < VN; ++i) xs[v * VN + i] = to_float(xv.v[i]);
+    }
   }
   __syncthreads();
   if (e >= experts) return;
@@ -951,17 +1041,29 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
 template <typename T, bool kGemm>
 int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                       const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
-                      int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
+                      int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
+  const bool gate_ln = ln && tokens <= kGateLnMaxTokens && h / Vec<T>::N <= 128 * kGateLnVecs;
+  if (ln && !gate_ln) {  // the LayerNorm as its own kernel
+    const int dtype = std::is_same_v<T, float> ? MOETRT_FP32 : std::is_same_v<T, __half> ? MOETRT_FP16 : MOETRT_BF16;
+    const int err = moetrt_add_layernorm(ln->x, ln->delta, ln->gamma, ln->beta, ln->sum_out, ln->normed, tokens, h,
+                                         ln->eps, dtype, stream);
+    if (err) return err;
+  }
   if (tokens >= kGateTiledMinTokens) {  // prefill: the gate is a small GEMM
     const dim3 grid((experts + kGateTileExp - 1) / kGateTileExp, (tokens + kGateTileTok - 1) / kGateTileTok);
     launch_if(false, gate_logits_tiled_kernel<T>, grid, kGateThreads, 0, stream, hidden, gate_weight, w.logits, tokens,
               h, experts);
   } else {
     const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
-    launch_if(programmatic, gate_logits_kernel<T>, dim3((experts + 3) / 4, (tokens + tile - 1) / tile), 128,
-              tile * h * sizeof(float), stream, hidden, gate_weight, w.logits, tokens, h, experts, tile);
+    const dim3 grid((experts + 3) / 4, (tokens + tile - 1) / tile);
+    if (gate_ln)
+      launch_if(programmatic, gate_logits_kernel<T, true>, grid, 128, tile * h * sizeof(float), stream, hidden,
+                gate_weight, w.logits, tokens, h, experts, tile, *ln);
+    else
+      launch_if(programmatic, gate_logits_kernel<T, false>, grid, 128, tile * h * sizeof(float), stream, hidden,
+                gate_weight, w.logits, tokens, h, experts, tile, GateLn{});
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
@@ -1013,12 +1115,12 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
 template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
-               int act_kind, int capacity, const Workspace& w, cudaStream_t stream) {
+               int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   if (sizeof(T) == 2 && tokens * top_k > kGemvMaxAssignments)
     return launch_moe_regime<T, true>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f,
-                                      experts, top_k, act_kind, capacity, w, stream);
+                                      experts, top_k, act_kind, capacity, w, ln, stream);
   return launch_moe_regime<T, false>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f,
-                                     experts, top_k, act_kind, capacity, w, stream);
+                                     experts, top_k, act_kind, capacity, w, ln, stream);
 }
 
 }  // namespace
@@ -1038,11 +1140,12 @@ MOETRT_API int moetrt_moe_workspace_size(int64_t tokens, int64_t hidden, int64_t
   return 0;
 }
 
-MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const void* fc1_weight, const void* fc1_bias,
-                          const void* fc2_weight, const void* fc2_bias, const void* residual, void* out, int64_t tokens,
-                          int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
-                          float capacity_factor, int min_capacity, int dtype, void* workspace, size_t workspace_bytes,
-                          cudaStream_t stream) {
+namespace {
+int moe_entry(const void* hidden, const float* gate_weight, const void* fc1_weight, const void* fc1_bias,
+              const void* fc2_weight, const void* fc2_bias, const void* residual, void* out, int64_t tokens,
+              int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation, float capacity_factor,
+              int min_capacity, int dtype, void* workspace, size_t workspace_bytes, const GateLn* ln,
+              cudaStream_t stream) {
   if (tokens < 0 || tokens * 2 > 0x7fffffff || hidden_size <= 0 || ffn <= 0 || experts <= 0 ||
       experts > kMaxExperts || (top_k != 1 && top_k != 2) || top_k > experts || (activation != 0 && activation != 1) ||
       hidden_size % 8 || ffn % 8 || hidden_size > 12288)
@@ -1059,6 +1162,31 @@ MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const vo
                          static_cast<const T*>(fc1_bias), static_cast<const T*>(fc2_weight),
                          static_cast<const T*>(fc2_bias), static_cast<const T*>(residual), static_cast<T*>(out),
                          static_cast<int>(tokens), static_cast<int>(hidden_size), static_cast<int>(ffn), experts,
-                         top_k, activation, capacity, w, stream);
+                         top_k, activation, capacity, w, ln, stream);
   })
+}
+}  // namespace
+
+MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const void* fc1_weight, const void* fc1_bias,
+                          const void* fc2_weight, const void* fc2_bias, const void* residual, void* out, int64_t tokens,
+                          int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
+                          float capacity_factor, int min_capacity, int dtype, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream) {
+  return moe_entry(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out, tokens, hidden_size,
+                   ffn, experts, top_k, activation, capacity_factor, min_capacity, dtype, workspace, workspace_bytes,
+                   nullptr, stream);
+}
+
+MOETRT_API int moetrt_add_layernorm_moe(const void* x, const void* delta, const void* gamma, const void* beta,
+                                        void* sum_out, void* normed, float epsilon, const float* gate_weight,
+                                        const void* fc1_weight, const void* fc1_bias, const void* fc2_weight,
+                                        const void* fc2_bias, const void* residual, void* out, int64_t tokens,
+                                        int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
+                                        float capacity_factor, int min_capacity, int dtype, void* workspace,
+                                        size_t workspace_bytes, cudaStream_t stream) {
+  if (!x || !gamma || !beta || !normed) return MOETRT_ERR_BAD_SHAPE;
+  const GateLn ln{x, delta, gamma, beta, delta ? sum_out : nullptr, normed, epsilon};
+  return moe_entry(normed, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out, tokens, hidden_size,
+                   ffn, experts, top_k, activation, capacity_factor, min_capacity, dtype, workspace, workspace_bytes,
+                   &ln, stream);
 }

@@ -73,6 +73,18 @@ MOETRT_API int moetrt_moe(const void* hidden, const float* gate_weight, const vo
                           float capacity_factor, int min_capacity, int dtype, void* workspace,
                           size_t workspace_bytes, cudaStream_t stream);
 
+// moetrt_moe over normed = LayerNorm(x + delta) as moetrt_add_layernorm computes it (sum_out = x + delta, written
+// when delta is given; normed [tokens, h] is written too: the experts read it). One token (h up to 1024 vectors
+// of 16 bytes) is normalised inside the gate kernel, one launch fewer; more tokens launch the LayerNorm first.
+// The LayerNorm's gamma and beta are read before waiting for the preceding kernel.
+MOETRT_API int moetrt_add_layernorm_moe(const void* x, const void* delta, const void* gamma, const void* beta,
+                                        void* sum_out, void* normed, float epsilon, const float* gate_weight,
+                                        const void* fc1_weight, const void* fc1_bias, const void* fc2_weight,
+                                        const void* fc2_bias, const void* residual, void* out, int64_t tokens,
+                                        int64_t hidden_size, int64_t ffn, int experts, int top_k, int activation,
+                                        float capacity_factor, int min_capacity, int dtype, void* workspace,
+                                        size_t workspace_bytes, cudaStream_t stream);
+
 // dst[r, :] = src[rows[r], :] for r < num_rows (src [src_rows, cols]; rows clamped into range).
 MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* dst, int64_t num_rows, int64_t cols,
                                   int64_t src_rows, int dtype, cudaStream_t stream);
