@@ -486,7 +486,8 @@ class CudaEngine:
                 continue
             j = r[0]
             g = ops[j]
-            if (g.kind == "moe" or g.kind == "gemm" and g is not self.head) and self.resolve(g.inputs[0]) == normed and \
+            reader = g.kind == "moe" or (g.kind == "gemm" and g is not self.head)
+            if reader and self.resolve(g.inputs[0]) == normed and \
                     all(ops[k].kind in ("alias", "select") for k in range(i + 1, j)):
                 pairs[i] = j
         return pairs

@@ -25,8 +25,8 @@ _SIGNATURES = {
     "moetrt_moe_capacity": [_I64, _I32, _I32, _F32, _I32],
     "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
-    "moetrt_add_layernorm_moe": [_P] * 6 + [_F32] + [_P] * 7 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ,
-                                                                                   _P],
+    "moetrt_add_layernorm_moe": ([_P] * 6 + [_F32] + [_P] * 7 + [_I64] * 3 + [_I32] * 3
+                                 + [_F32, _I32, _I32, _P, _SZ, _P]),
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
     "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
@@ -277,9 +277,9 @@ def add_layernorm_moe(x, delta, gamma, beta, sum_out, normed, gate_weight, fc1_w
                       capacity_factor: float = 0.0, min_capacity: int = 4, residual=None, epsilon: float = 1e-5,
                       stream: int = 0, defer: bool = False):
     """``add_layernorm`` then ``moe`` on its ``normed`` output, the LayerNorm inside the MoE's gate kernel for one
-    token (batch-1 decode; more tokens launch it separately): the same bits as the two calls, one launch fewer. ``sum_out`` and ``normed`` are
-    written (``sum_out`` only with ``delta``) and must not overlap ``x`` or ``delta`` (blocks write them while
-    others still read those)."""
+    token (batch-1 decode; more tokens launch it separately): the same bits as the two calls, one launch fewer.
+    ``sum_out`` and ``normed`` are written (``sum_out`` only with ``delta``) and must not overlap ``x`` or ``delta``
+    (blocks write them while others still read those)."""
     a = DeviceArray.of(x, "x")
     if len(a.shape) != 2:
         raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
