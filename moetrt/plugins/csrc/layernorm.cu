@@ -9,17 +9,19 @@ constexpr int kLnThreads = 128;
 constexpr int kLnMaxVecs = 8;  // 16-byte vectors per thread: hidden <= 128 * 8 * (16 / sizeof(T))
 
 // One block per row. The row stays in registers between the two statistics passes; gamma and beta (weights) are
-// loaded before the wait for the preceding kernel, so their latency is not added after the statistics.
-template <typename T>
+// loaded before the wait for the preceding kernel, so their latency is not added after the statistics. VPT is
+// the vectors a thread holds, the fewest the hidden size needs (loops unrolled over 8 for a row that needs 1 made
+// the kernel 27.6 KB of code); the sums' order does not depend on it.
+template <typename T, int VPT>
 __global__ void __launch_bounds__(kLnThreads) add_layernorm_kernel(
     const T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ gamma,
     const T* __restrict__ beta, T* __restrict__ sum_out, T* __restrict__ normed, int64_t hidden, float eps) {
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[32];
   const int vecs = static_cast<int>(hidden / N);
-  Vec<T> g[kLnMaxVecs], b[kLnMaxVecs];
+  Vec<T> g[VPT], b[VPT];
 #pragma unroll
-  for (int i = 0; i < kLnMaxVecs; ++i) {
+  for (int i = 0; i < VPT; ++i) {
     const int v = threadIdx.x + i * kLnThreads;
     if (v < vecs) {
       g[i].load(gamma + v * N);
@@ -28,10 +30,10 @@ __global__ void __launch_bounds__(kLnThreads) add_layernorm_kernel(
   }
   enter_after_predecessor();
   const int64_t row = blockIdx.x;
-  float vals[kLnMaxVecs][N];
+  float vals[VPT][N];
   float local = 0.f;
 #pragma unroll
-  for (int i = 0; i < kLnMaxVecs; ++i) {
+  for (int i = 0; i < VPT; ++i) {
     const int v = threadIdx.x + i * kLnThreads;
     if (v < vecs) {
       Vec<T> a;
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kLnThreads) add_layernorm_kernel(
   const float mean = block_sum(local, scratch) / static_cast<float>(hidden);
   float sq = 0.f;
 #pragma unroll
-  for (int i = 0; i < kLnMaxVecs; ++i) {
+  for (int i = 0; i < VPT; ++i) {
     if (threadIdx.x + i * kLnThreads < vecs) {
 #pragma unroll
       for (int j = 0; j < N; ++j) { const float c = vals[i][j] - mean; sq += c * c; }
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(kLnThreads) add_layernorm_kernel(
   }
   const float rstd = rsqrtf(block_sum(sq, scratch) / static_cast<float>(hidden) + eps);
 #pragma unroll
-  for (int i = 0; i < kLnMaxVecs; ++i) {
+  for (int i = 0; i < VPT; ++i) {
     const int v = threadIdx.x + i * kLnThreads;
     if (v < vecs) {
       Vec<T> o;
@@ -98,8 +100,13 @@ MOETRT_API int moetrt_add_layernorm(const void* x, const void* delta, const void
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     constexpr int N = Vec<T>::N;
     if (hidden % N || hidden > int64_t(kLnThreads) * kLnMaxVecs * N) return MOETRT_ERR_BAD_SHAPE;
-    launch_if(rows <= kProgrammaticMaxRows, add_layernorm_kernel<T>, static_cast<unsigned>(rows), kLnThreads, 0,
-              stream, static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
+    const int64_t vpt = (hidden / N + kLnThreads - 1) / kLnThreads;
+    auto kernel = vpt <= 1 ? add_layernorm_kernel<T, 1>
+                : vpt <= 2 ? add_layernorm_kernel<T, 2>
+                : vpt <= 4 ? add_layernorm_kernel<T, 4>
+                           : add_layernorm_kernel<T, kLnMaxVecs>;
+    launch_if(rows <= kProgrammaticMaxRows, kernel, static_cast<unsigned>(rows), kLnThreads, 0, stream,
+              static_cast<const T*>(x), static_cast<const T*>(delta), static_cast<const T*>(gamma),
               static_cast<const T*>(beta), static_cast<T*>(sum_out), static_cast<T*>(normed), hidden, epsilon);
     return launch_status();
   })

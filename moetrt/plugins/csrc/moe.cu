@@ -68,30 +68,47 @@ constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS;
 // With kLn (the AddLayerNorm before the MoE fused in, one token): each block normalises its token tile as
 // moetrt_add_layernorm does (sum = x + delta rounded to T, fp32 statistics, normed rounded to T) straight into the
 // tile it multiplies, and blocks of column 0 store sum and normed (FC1 reads normed after its wait); gamma and beta
-// go to L2 before the wait. hidden <= 128 * kGateLnVecs vectors of 16 bytes, add_layernorm_kernel's limit.
+// are loaded before the wait. hidden <= 128 * kGateLnVecs vectors of 16 bytes, add_layernorm_kernel's limit.
 // Measured on an H100 (350M decode graphs, docs/performance.md): one token 0.589 against 0.609 ms with the separate
-// LayerNorm; at 8 tokens the per-token loads after the wait cost more than the launch saved (1.093 against 1.051 ms),
-// so from 2 tokens the LayerNorm stays its own kernel (kGateLnMaxTokens).
+// LayerNorm. Fused up to 64 tokens (every token's loads in flight at once) it lost at 8 and 32 tokens (1.084 / 2.098
+// against 1.029 / 2.027 ms), so from 2 tokens the LayerNorm stays its own kernel (kGateLnMaxTokens).
 constexpr int kGateLnVecs = 8;
-constexpr int kGateLnMaxTokens = 1;
+#ifndef MOETRT_GATE_LN_MAX_TOKENS
+#define MOETRT_GATE_LN_MAX_TOKENS 1
+#endif
+constexpr int kGateLnMaxTokens = MOETRT_GATE_LN_MAX_TOKENS;
+constexpr int kGateWRegs = 8;  // float4 of the gate row a lane holds in registers: 8 x 32 lanes x 4 = hidden 1024
 struct GateLn {
   const void *x, *delta, *gamma, *beta;
   void *sum_out, *normed;  // normed: the MoE's input (`x` of the kernel, not read with kLn)
   float eps;
 };
-template <typename T, bool kLn = false>
+template <typename T, bool kLn, int TOK>
 __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ x, const float* __restrict__ wg,
                                                           float* __restrict__ logits, int tokens, int hidden, int experts,
                                                           int tile, GateLn ln) {
-  extern __shared__ float xs[];  // [tile][hidden], tile <= kGateTok tokens
+  extern __shared__ float xs[];  // [tile][hidden], tile <= TOK tokens (1 or kGateTok: one token's code is small)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = blockIdx.x * 4 + warp;
   constexpr int VN = Vec<T>::N;
   const int hv = hidden / VN;
-  // the gate row into L2 while the previous kernel runs
-  if (e < experts) prefetch_l2_range(wg + int64_t(e) * hidden, int64_t(hidden) * sizeof(float), lane, 32);
+  // Weights before the wait for the preceding kernel: the first kGateWRegs float4 of each lane's share of the gate
+  // row into registers (the whole row up to hidden 1024), the rest into L2; with kLn this thread's first gamma /
+  // beta vectors too.
+  const float* row = wg + int64_t(e) * hidden;
+  float4 wr[kGateWRegs];
+#pragma unroll
+  for (int u = 0; u < kGateWRegs; ++u) {
+    const int i = lane * 4 + u * 128;
+    if (e < experts && i < hidden) wr[u] = __ldg(reinterpret_cast<const float4*>(row + i));
+  }
+  if (e < experts && hidden > kGateWRegs * 128)
+    prefetch_l2_range(row + kGateWRegs * 128, int64_t(hidden - kGateWRegs * 128) * sizeof(float), lane, 32);
+  Vec<T> gam0, bet0;
   if constexpr (kLn) {
-    prefetch_l2_range(ln.gamma, int64_t(hidden) * sizeof(T), threadIdx.x, 128);
-    prefetch_l2_range(ln.beta, int64_t(hidden) * sizeof(T), threadIdx.x, 128);
+    if (threadIdx.x < hv) {
+      gam0.load(static_cast<const T*>(ln.gamma) + threadIdx.x * VN);
+      bet0.load(static_cast<const T*>(ln.beta) + threadIdx.x * VN);
+    }
   }
   enter_after_predecessor();
   const int t0 = blockIdx.y * tile, nt = min(tile, tokens - t0);
@@ -100,68 +117,98 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     const T* ld = static_cast<const T*>(ln.delta);
     T* ls = static_cast<T*>(ln.sum_out);
     const bool store = blockIdx.x == 0;
-    // plain loops over this thread's vectors and the tile's tokens: unrolled over their upper bounds (8 x 8 x 8,
-    // predicated) the kernel was far larger and the batch-1 graph took 0.680 ms instead of 0.609
-    for (int v = threadIdx.x; v < hv; v += 128)
-      for (int j = 0; j < nt; ++j) {
-        Vec<T> a, d;
-        a.load(lx + int64_t(j) * hidden + v * VN);
-        if (ld) d.load(ld + int64_t(t0 + j) * hidden + v * VN);
+    // Statistics exactly as add_layernorm_kernel forms them (same thread-to-vector map, same order of additions,
+    // block_sum's tree over its 4 warps), so that the normalised values match its bits. Loops over the tile's
+    // tokens are unrolled (every token's loads in flight at once; per-token loads, one after the other, made 8
+    // tokens slower than two kernels); the loop over a thread's vectors is not (unrolled over its upper bound as
+    // well, the kernel was far larger and the batch-1 graph took 0.680 ms instead of 0.609).
+    float loc[TOK];
 #pragma unroll
-        for (int k = 0; k < VN; ++k) {
-          if (ld) a.v[k] = from_float<T>(to_float(a.v[k]) + to_float(d.v[k]));  // the residual stream is in T
-          xs[j * hidden + v * VN + k] = to_float(a.v[k]);
+    for (int j = 0; j < TOK; ++j) loc[j] = 0.f;
+    #pragma unroll 1
+    for (int v = threadIdx.x; v < hv; v += 128) {
+      Vec<T> a[TOK], d[TOK];
+#pragma unroll
+      for (int j = 0; j < TOK; ++j) {
+        if (j < nt) {
+          a[j].load(lx + int64_t(j) * hidden + v * VN);
+          if (ld) d[j].load(ld + int64_t(t0 + j) * hidden + v * VN);
         }
       }
-    __syncthreads();
-    if (ld && ls && store) {
-      for (int v = threadIdx.x; v < nt * hv; v += 128) {
-        Vec<T> o;
 #pragma unroll
-        for (int k = 0; k < VN; ++k) o.v[k] = from_float<T>(xs[v * VN + k]);
-        o.store(ls + int64_t(t0) * hidden + v * VN);
-      }
-    }
-    // Statistics exactly as add_layernorm_kernel forms them (same thread-to-vector map, same order of additions,
-    // block_sum's tree over its 4 warps), so that the normalised values match its bits.
-    __shared__ float part[kGateTok][4], stat[kGateTok][2];
-    for (int pass = 0; pass < 2; ++pass) {
-      for (int j = 0; j < nt; ++j) {
-        float loc = 0.f;
-        for (int v = threadIdx.x; v < hv; v += 128) {
-          const float* r = xs + j * hidden + v * VN;
+      for (int j = 0; j < TOK; ++j) {
+        if (j < nt) {
 #pragma unroll
           for (int k = 0; k < VN; ++k) {
-            if (pass == 0) loc += r[k];
-            else { const float c = r[k] - stat[j][0]; loc += c * c; }
+            if (ld) a[j].v[k] = from_float<T>(to_float(a[j].v[k]) + to_float(d[j].v[k]));  // the residual stream is in T
+            const float r = to_float(a[j].v[k]);
+            xs[j * hidden + v * VN + k] = r;
+            loc[j] += r;
           }
+          if (ld && ls && store) a[j].store(ls + int64_t(t0 + j) * hidden + v * VN);
         }
-        const float w = warp_sum(loc);
-        if (lane == 0) part[j][warp] = w;
       }
-      __syncthreads();
-      if (threadIdx.x < nt) {
-        const int j = threadIdx.x;
-        const float total = ((part[j][0] + part[j][2]) + (part[j][1] + part[j][3])) / static_cast<float>(hidden);
-        if (pass == 0) stat[j][0] = total;
-        else stat[j][1] = rsqrtf(total + ln.eps);
+    }
+    __shared__ float part[2][TOK][4];
+    float mean[TOK], rstd[TOK];
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+      if (j < nt) {  // uniform over the block
+        const float w = warp_sum(loc[j]);
+        if (lane == 0) part[0][j][warp] = w;
       }
-      __syncthreads();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+      mean[j] = j < nt ? ((part[0][j][0] + part[0][j][2]) + (part[0][j][1] + part[0][j][3])) / static_cast<float>(hidden)
+                       : 0.f;
+      loc[j] = 0.f;
+    }
+    #pragma unroll 1
+    for (int v = threadIdx.x; v < hv; v += 128) {  // this thread's own xs entries: no barrier needed
+#pragma unroll
+      for (int j = 0; j < TOK; ++j) {
+        if (j < nt) {
+          const float* r = xs + j * hidden + v * VN;
+#pragma unroll
+          for (int k = 0; k < VN; ++k) { const float c = r[k] - mean[j]; loc[j] += c * c; }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+      if (j < nt) {  // uniform over the block
+        const float w = warp_sum(loc[j]);
+        if (lane == 0) part[1][j][warp] = w;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+      const float total = ((part[1][j][0] + part[1][j][2]) + (part[1][j][1] + part[1][j][3])) / static_cast<float>(hidden);
+      rstd[j] = j < nt ? rsqrtf(total + ln.eps) : 0.f;
     }
     T* normed = static_cast<T*>(ln.normed);
+    #pragma unroll 1
     for (int v = threadIdx.x; v < hv; v += 128) {
-      Vec<T> gam, bet;
-      gam.load(static_cast<const T*>(ln.gamma) + v * VN);
-      bet.load(static_cast<const T*>(ln.beta) + v * VN);
-      for (int j = 0; j < nt; ++j) {
-        float* row = xs + j * hidden + v * VN;
-        Vec<T> o;
+      Vec<T> gam = gam0, bet = bet0;
+      if (v != threadIdx.x) {
+        gam.load(static_cast<const T*>(ln.gamma) + v * VN);
+        bet.load(static_cast<const T*>(ln.beta) + v * VN);
+      }
 #pragma unroll
-        for (int k = 0; k < VN; ++k) {
-          o.v[k] = from_float<T>((row[k] - stat[j][0]) * stat[j][1] * to_float(gam.v[k]) + to_float(bet.v[k]));
-          row[k] = to_float(o.v[k]);
+      for (int j = 0; j < TOK; ++j) {
+        if (j < nt) {
+          float* r = xs + j * hidden + v * VN;
+          Vec<T> o;
+#pragma unroll
+          for (int k = 0; k < VN; ++k) {
+            o.v[k] = from_float<T>((r[k] - mean[j]) * rstd[j] * to_float(gam.v[k]) + to_float(bet.v[k]));
+            r[k] = to_float(o.v[k]);
+          }
+          if (store) o.store(normed + int64_t(t0 + j) * hidden + v * VN);
         }
-        if (store) o.store(normed + int64_t(t0 + j) * hidden + v * VN);
       }
     }
   } else {
@@ -175,22 +222,27 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
   }
   __syncthreads();
   if (e >= experts) return;
-  const float* row = wg + int64_t(e) * hidden;
-  float acc[kGateTok];
+  float acc[TOK];
 #pragma unroll
-  for (int j = 0; j < kGateTok; ++j) acc[j] = 0.f;
-#pragma unroll 4
-  for (int i = lane * 4; i < hidden; i += 128) {
-    const float4 w = __ldg(reinterpret_cast<const float4*>(row + i));
+  for (int j = 0; j < TOK; ++j) acc[j] = 0.f;
+  auto dot = [&](const float4& w, int i) {
 #pragma unroll
-    for (int j = 0; j < kGateTok; ++j)
+    for (int j = 0; j < TOK; ++j)
       if (j < nt) {
         const float4 xv = *reinterpret_cast<const float4*>(xs + j * hidden + i);
         acc[j] += w.x * xv.x + w.y * xv.y + w.z * xv.z + w.w * xv.w;
       }
-  }
+  };
 #pragma unroll
-  for (int j = 0; j < kGateTok; ++j)
+  for (int u = 0; u < kGateWRegs; ++u) {
+    const int i = lane * 4 + u * 128;
+    if (i < hidden) dot(wr[u], i);
+  }
+#pragma unroll 1
+  for (int i = lane * 4 + kGateWRegs * 128; i < hidden; i += 128)  // hidden > 1024: from L2
+    dot(__ldg(reinterpret_cast<const float4*>(row + i)), i);
+#pragma unroll
+  for (int j = 0; j < TOK; ++j)
     if (j < nt) {
       const float v = warp_sum(acc[j]);
       if (lane == 0) logits[int64_t(t0 + j) * experts + e] = v;
@@ -520,7 +572,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind,
     int experts) {
-  constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kGemvTok;
+  constexpr int VN = Vec<T>::N, CV = 16 / RG, TOK = kSingle ? 1 : kGemvTok;  // one token: no dead token slots
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
   // FC2 of one token picks its expert from the gate logits and loads its weights before the wait: the gate ran
   // two kernels back (common.cuh: reads before the wait), so FC2's 8 MB stream while FC1 still runs.
@@ -1058,12 +1110,10 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   } else {
     const int tile = std::max(1, std::min({kGateTok, tokens, 12288 / h}));  // token tile in <= 48 KB of smem
     const dim3 grid((experts + 3) / 4, (tokens + tile - 1) / tile);
-    if (gate_ln)
-      launch_if(programmatic, gate_logits_kernel<T, true>, grid, 128, tile * h * sizeof(float), stream, hidden,
-                gate_weight, w.logits, tokens, h, experts, tile, *ln);
-    else
-      launch_if(programmatic, gate_logits_kernel<T, false>, grid, 128, tile * h * sizeof(float), stream, hidden,
-                gate_weight, w.logits, tokens, h, experts, tile, GateLn{});
+    auto kernel = gate_ln ? (tile == 1 ? gate_logits_kernel<T, true, 1> : gate_logits_kernel<T, true, kGateTok>)
+                          : (tile == 1 ? gate_logits_kernel<T, false, 1> : gate_logits_kernel<T, false, kGateTok>);
+    launch_if(programmatic, kernel, grid, 128, tile * h * sizeof(float), stream, hidden, gate_weight, w.logits,
+              tokens, h, experts, tile, gate_ln ? *ln : GateLn{});
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
