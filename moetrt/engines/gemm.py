@@ -1,9 +1,10 @@
 """GEMMs for the GPU backend through cuBLASLt, via nvmath-python's low-level bindings (``nvmath.bindings.cublasLt``).
 
 One ``Gemm`` is ``Y[M, N] = X[M, K] @ W[K, N] (+ bias[N])`` on row-major fp16/bf16/fp32 arrays, fp32 accumulation,
-the bias fused as cuBLASLt's BIAS epilogue. Row-major Y = X W is column-major Yᵀ = Wᵀ Xᵀ, so cuBLASLt sees
-A = W as an N×K column-major matrix (ld N), B = X as K×M (ld K) and D = Y as N×M (ld N). A weight stored as
-``[N, K]`` (the graph's MatMul reads ``Transpose(W)``) is A = K×N column-major, read with TRANSA.
+the bias fused as cuBLASLt's BIAS epilogue, or bias + tanh-approximated GeLU as its GELU_BIAS epilogue. Row-major
+Y = X W is column-major Yᵀ = Wᵀ Xᵀ, so cuBLASLt sees A = W as an N×K column-major matrix (ld N), B = X as K×M
+(ld K) and D = Y as N×M (ld N). A weight stored as ``[N, K]`` (the graph's MatMul reads ``Transpose(W)``) is
+A = K×N column-major, read with TRANSA.
 
 Algorithms: cuBLASLt's heuristic proposes candidates; ``GemmTuner`` times them on the real operands and keeps
 the fastest, per (M, N, K, dtype, epilogue), in ``gemm_algos.json`` beside the rank's graph, keyed by the
@@ -97,11 +98,14 @@ class Gemm:
     """One bound GEMM: fixed shapes, pointers and stream; ``launch()`` enqueues it."""
 
     def __init__(self, ctx: GemmContext, M: int, N: int, K: int, dtype: str, x_ptr: int, w_ptr: int, y_ptr: int,
-                 bias_ptr: int | None, stream: Stream, what: str, trans_w: bool = False):
+                 bias_ptr: int | None, stream: Stream, what: str, trans_w: bool = False, gelu: bool = False):
         lt = ctx.lt
+        if gelu and not bias_ptr:
+            raise ValueError(f"{what}: the GeLU epilogue is fused with a bias only")
         self.ctx, self.what = ctx, what
         self.M, self.N, self.K, self.dtype = M, N, K, dtype
-        self.key = f"{M}x{N}x{K}:{dtype}:{'bias' if bias_ptr else 'none'}:{'wt' if trans_w else 'w'}"
+        epilogue = "gelu_bias" if gelu else "bias" if bias_ptr else "none"
+        self.key = f"{M}x{N}x{K}:{dtype}:{epilogue}:{'wt' if trans_w else 'w'}"
         ct = CUDA_TYPES[dtype]
         self.desc = lt.matmul_desc_create(COMPUTE_32F, CUDA_TYPES["fp32"])
         A = lt.MatmulDescAttribute
@@ -109,7 +113,7 @@ class Gemm:
             _set(lt.matmul_desc_set_attribute, self.desc, A.TRANSA, lt.get_matmul_desc_attribute_dtype, 1)
         if bias_ptr:
             _set(lt.matmul_desc_set_attribute, self.desc, A.EPILOGUE, lt.get_matmul_desc_attribute_dtype,
-                 int(lt.Epilogue.BIAS))
+                 int(lt.Epilogue.GELU_BIAS if gelu else lt.Epilogue.BIAS))
             _set(lt.matmul_desc_set_attribute, self.desc, A.BIAS_POINTER, lt.get_matmul_desc_attribute_dtype,
                  bias_ptr)
             _set(lt.matmul_desc_set_attribute, self.desc, A.BIAS_DATA_TYPE, lt.get_matmul_desc_attribute_dtype, ct)

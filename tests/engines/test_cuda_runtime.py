@@ -50,6 +50,21 @@ def test_fp32_logits_match_the_model(engine32, model32, tiny_config):
             np.testing.assert_allclose(rt.logits(ids), model32(torch.tensor(ids)).numpy(), rtol=0, atol=1e-3)
 
 
+def test_gelu_epilogue_takes_the_bias_and_activation(engine32, model32, tiny_config, monkeypatch):
+    """A cuBLASLt GEMM with bias + tanh GeLU after it runs both as its GELU_BIAS epilogue: no bias_act kernel in
+    the plan, and fp32 logits agree with the fp32 model to 1e-3 (the bound of the test above) with and without it."""
+    from moetrt.engines.cuda_backend import CudaEngine
+    ids = np.random.default_rng(11).integers(0, tiny_config.vocab_size, (3, 17))
+    ref = model32(torch.tensor(ids)).numpy()
+    for fused in (True, False):
+        monkeypatch.setattr(CudaEngine, "gelu_epilogue", fused)
+        with Runtime(engine32, device="cuda") as rt:
+            whats = [getattr(fn, "what", "") for fn in rt.engine.plan(3, 17).launches]
+            dense = tiny_config.num_layers - len(tiny_config.moe_layers)  # dense FC1s
+            assert dense > 0 and whats.count("bias_act") == (0 if fused else dense), whats
+            np.testing.assert_allclose(rt.logits(ids), ref, rtol=0, atol=1e-3)
+
+
 def test_greedy_tokens_identical_to_the_model_over_64_steps(engine32, model32):
     prompts = [[5, 9, 2], [7], [1, 2, 3, 4, 5, 6, 7], [11] * 20]
     with Runtime(engine32, device="cuda") as rt:
