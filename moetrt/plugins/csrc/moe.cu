@@ -21,7 +21,6 @@ constexpr int kGemvTok = 4;        // tokens per GEMV pass
 constexpr int kGemvThreads = 256;
 constexpr int kRouteThreads = 1024;
 constexpr int kMaxExperts = 256;
-constexpr int kBN = 128, kBK = 64;
 // Above this many assignments fp16/bf16 use the grouped GEMM (measured on an H100, 64 experts, h 1024, f 4096:
 // 32 tokens 194-201 us in the GEMM, 223-230 in the FMA GEMV; with the tensor-core GEMV taking up to 32
 // assignments, 24 / 32 tokens 202 / 228 us against the GEMM's 166 / 188).
@@ -786,24 +785,38 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
                : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                : "r"(s));
 }
-// Operand tiles are [rows][kBK] of 16-bit elements, 128 bytes a row, with the 16-byte chunk c of row r stored at
-// chunk c ^ (r % 8): cp.async writing rows and ldmatrix reading one chunk of 8 consecutive rows then both touch
-// all 32 banks once. (32-wide k-tiles, 64-byte rows, measured slower: docs/performance.md.)
-__device__ __forceinline__ int swizzled(int r, int chunk) {
-  static_assert(kBK == 64, "the swizzle is for 128-byte rows");
-  return r * kBK + ((chunk ^ (r & 7)) << 3);
+// Tile shapes per BM: BN output columns (weight rows) and BK of the reduction per pipeline stage. Operand tiles are
+// [rows][BK] of 16-bit elements with the 16-byte chunk c of row r stored at chunk c ^ (r % 8): cp.async writing
+// rows and ldmatrix reading one chunk of 8 consecutive rows then both touch all 32 banks once. (32-wide k-tiles,
+// 64-byte rows, measured slower: docs/performance.md.)
+#ifndef MOETRT_GEMM32_BN
+#define MOETRT_GEMM32_BN 128
+#endif
+#ifndef MOETRT_GEMM32_BK
+#define MOETRT_GEMM32_BK 64
+#endif
+#ifndef MOETRT_GEMM32_STAGES
+#define MOETRT_GEMM32_STAGES 4
+#endif
+template <int BM> __host__ __device__ constexpr int gemm_bn() { return BM == 32 ? MOETRT_GEMM32_BN : 128; }
+template <int BM> __host__ __device__ constexpr int gemm_bk() { return BM == 32 ? MOETRT_GEMM32_BK : 64; }
+template <int BK> __device__ __forceinline__ int swizzled(int r, int chunk) {
+  static_assert(BK >= 64 && BK % 64 == 0, "the swizzle needs rows of a multiple of 128 bytes");
+  return r * BK + ((chunk ^ (r & 7)) << 3);
 }
-template <int BM> __host__ __device__ constexpr int gemm_stages() { return BM >= 128 ? 3 : 4; }
-// Warps over the rows of a tile (4 more over its 128 columns each): more warps hide more latency, fewer rows a
+template <int BM> __host__ __device__ constexpr int gemm_stages() {
+  return BM >= 128 ? 3 : BM == 32 ? MOETRT_GEMM32_STAGES : 4;
+}
+// Warps over the rows of a tile (4 more over its BN columns each): more warps hide more latency, fewer rows a
 // warp means more fragment loads per MMA.
 template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
 template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
 template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() {
-  return gemm_stages<BM>() * (BM + kBN) * kBK * 2;
+  return gemm_stages<BM>() * (BM + gemm_bn<BM>()) * gemm_bk<BM>() * 2;
 }
 
-// A block computes BM x kBN output tiles of one expert (BM = 32, 64, 128 follows the tokens per expert, so that
-// short experts do not pay for a 128-row tile); its warps form a WM x 4 grid, each over BM/WM rows and 32
+// A block computes BM x BN output tiles of one expert (BM = 32, 64, 128 follows the tokens per expert, so that
+// short experts do not pay for a 128-row tile); its warps form a WM x 4 grid, each over BM/WM rows and BN/4
 // columns. A block takes work items (expert, row tile, column tile) in a grid-stride loop as one stream of
 // k-tiles: the cp.async pipeline runs on into the next item while this one's last k-tiles and epilogue compute,
 // so no item starts on an empty pipeline. Each thread copies the same 16-byte chunk column of rows
@@ -816,16 +829,17 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
-  constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = 4;
-  constexpr int kChunks = kBK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
-  constexpr int AR = BM / kRowStep, BR = kBN / kRowStep;              // rows each thread copies
+  constexpr int BN = gemm_bn<BM>(), BK = gemm_bk<BM>();
+  constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
+  constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
+  constexpr int AR = BM / kRowStep, BR = BN / kRowStep;              // rows each thread copies
   extern __shared__ __align__(128) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);  // [S][BM * kBK]
-  T* Bs = As + S * BM * kBK;           // [S][kBN * kBK]
+  T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
+  T* Bs = As + S * BM * BK;           // [S][BN * BK]
   __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
   enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * 32;  // this warp's rows and columns in the tile
+  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
   const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int n_active = w.active[0];
@@ -851,9 +865,9 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     }
   }
   __syncthreads();
-  const int n_tiles = (rows + kBN - 1) / kBN;
+  const int n_tiles = (rows + BN - 1) / BN;
   const int total = tile_start_s[n_active] * n_tiles;
-  const int k_tiles = (K + kBK - 1) / kBK;
+  const int k_tiles = (K + BK - 1) / BK;
   const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   struct Tile { int e, m0, n0, count, off; };
   auto describe = [&](int j) {  // this block's j-th item
@@ -867,7 +881,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     Tile t;
     t.e = active_s[lo];
     t.m0 = (mt_all - tile_start_s[lo]) * BM;
-    t.n0 = (item % n_tiles) * kBN;
+    t.n0 = (item % n_tiles) * BN;
     t.count = count_s[lo];
     t.off = off_s[lo];
     return t;
@@ -892,9 +906,9 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   const T* b_ptr = weight;
   int b_rows = 0;  // of this thread's B rows, how many exist (the last column tile may be short)
 #pragma unroll
-  for (int i = 0; i < AR; ++i) a_off[i] = swizzled(row_lo + i * kRowStep, ch);
+  for (int i = 0; i < AR; ++i) a_off[i] = swizzled<BK>(row_lo + i * kRowStep, ch);
 #pragma unroll
-  for (int i = 0; i < BR; ++i) b_off[i] = swizzled(row_lo + i * kRowStep, ch);
+  for (int i = 0; i < BR; ++i) b_off[i] = swizzled<BK>(row_lo + i * kRowStep, ch);
   Tile ld{}, nx{};
   auto enter_item = [&]() {
 #pragma unroll
@@ -906,10 +920,10 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   if (n_mine > 1) { nx = describe(1); source_rows(nx, nx_src); }
   auto load_next = [&](int stage) {  // one commit group per k-tile, empty once this block's items are all loaded
     if (ld_j < n_mine) {
-      const int kofs = ld_kt * kBK;
+      const int kofs = ld_kt * BK;
       const bool k_ok = kofs + ch * 8 < K;
-      T* a = As + stage * BM * kBK;
-      T* b = Bs + stage * kBN * kBK;
+      T* a = As + stage * BM * BK;
+      T* b = Bs + stage * BN * BK;
 #pragma unroll
       for (int i = 0; i < AR; ++i) {
         const bool ok = a_ptr[i] && k_ok;
@@ -950,24 +964,24 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     cp_async_wait<S - 2>();
     __syncthreads();  // step s visible to all; stage (s - 1) % S no longer read
     load_next((s + S - 1) % S);
-    const T* a = As + (s % S) * BM * kBK;
-    const T* b = Bs + (s % S) * kBN * kBK;
+    const T* a = As + (s % S) * BM * BK;
+    const T* b = Bs + (s % S) * BN * BK;
     // fragments double-buffered in registers: ldmatrix for k-step kk + 1 is issued before the MMAs of kk (asm
     // volatile keeps source order, so this order is the schedule)
     uint32_t af[2][MI][4], bf[2][NI / 2][4];
     auto load_fragments = [&](int buf, int kk) {
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
-        ldmatrix_x4(af[buf][mi], a + swizzled(wm0 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+        ldmatrix_x4(af[buf][mi], a + swizzled<BK>(wm0 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj)  // n-tiles 2nj and 2nj + 1: (n 0-7 | 8-15) x (k 0-7 | 8-15)
-        ldmatrix_x4(bf[buf][nj], b + swizzled(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
+        ldmatrix_x4(bf[buf][nj], b + swizzled<BK>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
                                               kk * 2 + ((lane >> 3) & 1)));
     };
     load_fragments(0, 0);
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      if (kk + 1 < kBK / 16) load_fragments((kk + 1) & 1, kk + 1);
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if (kk + 1 < BK / 16) load_fragments((kk + 1) & 1, kk + 1);
       const int cb = kk & 1;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
