@@ -1,4 +1,6 @@
 #include <atomic>
+#include <mutex>
+#include <unordered_set>
 
 #include "common.cuh"
 
@@ -25,3 +27,14 @@ bool programmatic_launch_enabled() {
   return g_programmatic.load(std::memory_order_relaxed) && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
 }
 }  // namespace moetrt
+
+#if MOETRT_SMEM_CARVEOUT >= 0
+namespace moetrt {
+bool first_launch_of(const void* kernel) {
+  static std::mutex m;
+  static std::unordered_set<const void*> seen;
+  std::lock_guard<std::mutex> lock(m);
+  return seen.insert(kernel).second;
+}
+}  // namespace moetrt
+#endif

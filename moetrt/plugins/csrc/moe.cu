@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
         if (j < nt) {
 #pragma unroll
           for (int k = 0; k < VN; ++k) {
-            if (ld) a[j].v[k] = from_float<T>(to_float(a[j].v[k]) + to_float(d[j].v[k]));  // the residual stream is in T
+            if (ld) a[j].v[k] = from_float<T>(to_float(a[j].v[k]) + to_float(d[j].v[k]));  // the residual, in T
             const float r = to_float(a[j].v[k]);
             xs[j * hidden + v * VN + k] = r;
             loc[j] += r;
@@ -160,8 +160,8 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < TOK; ++j) {
-      mean[j] = j < nt ? ((part[0][j][0] + part[0][j][2]) + (part[0][j][1] + part[0][j][3])) / static_cast<float>(hidden)
-                       : 0.f;
+      const float total = (part[0][j][0] + part[0][j][2]) + (part[0][j][1] + part[0][j][3]);
+      mean[j] = j < nt ? total / static_cast<float>(hidden) : 0.f;
       loc[j] = 0.f;
     }
     #pragma unroll 1
@@ -185,8 +185,8 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < TOK; ++j) {
-      const float total = ((part[1][j][0] + part[1][j][2]) + (part[1][j][1] + part[1][j][3])) / static_cast<float>(hidden);
-      rstd[j] = j < nt ? rsqrtf(total + ln.eps) : 0.f;
+      const float total = (part[1][j][0] + part[1][j][2]) + (part[1][j][1] + part[1][j][3]);
+      rstd[j] = j < nt ? rsqrtf(total / static_cast<float>(hidden) + ln.eps) : 0.f;
     }
     T* normed = static_cast<T*>(ln.normed);
     #pragma unroll 1
@@ -1110,6 +1110,12 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                       int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
+  // Build-time experiment (default off): the gate and routing of decode-sized grouped-GEMM calls (17-64
+  // assignments) launched programmatically too; the grouped GEMM stays an ordinary launch.
+#ifndef MOETRT_GEMM_ROUTING_PROGRAMMATIC
+#define MOETRT_GEMM_ROUTING_PROGRAMMATIC 0
+#endif
+  const bool programmatic_routing = programmatic || (MOETRT_GEMM_ROUTING_PROGRAMMATIC && A <= kProgrammaticMaxRows);
   const bool gate_ln = ln && tokens <= kGateLnMaxTokens && h / Vec<T>::N <= 128 * kGateLnVecs;
   if (ln && !gate_ln) {  // the LayerNorm as its own kernel
     const int dtype = std::is_same_v<T, float> ? MOETRT_FP32 : std::is_same_v<T, __half> ? MOETRT_FP16 : MOETRT_BF16;
@@ -1126,8 +1132,8 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
     const dim3 grid((experts + 3) / 4, (tokens + tile - 1) / tile);
     auto kernel = gate_ln ? (tile == 1 ? gate_logits_kernel<T, true, 1> : gate_logits_kernel<T, true, kGateTok>)
                           : (tile == 1 ? gate_logits_kernel<T, false, 1> : gate_logits_kernel<T, false, kGateTok>);
-    launch_if(programmatic, kernel, grid, 128, tile * h * sizeof(float), stream, hidden, gate_weight, w.logits,
-              tokens, h, experts, tile, gate_ln ? *ln : GateLn{});
+    launch_if(programmatic_routing, kernel, grid, 128, tile * h * sizeof(float), stream, hidden, gate_weight,
+              w.logits, tokens, h, experts, tile, gate_ln ? *ln : GateLn{});
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
@@ -1143,9 +1149,10 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
               capacity);
   } else {
     const bool fused_topk = tokens <= kRouteThreads / 32;
-    if (!fused_topk) launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
-    launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w, tokens,
-              experts, top_k, capacity, fused_topk);
+    if (!fused_topk)
+      launch_if(programmatic_routing, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
+    launch_if(programmatic_routing, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
+              tokens, experts, top_k, capacity, fused_topk);
   }
   if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
