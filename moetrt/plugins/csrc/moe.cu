@@ -1102,6 +1102,11 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
     launch_expert_gemm<T, false, BM2>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind, stream);
 }
 
+// Build-time experiment (default off): the gate and routing of decode-sized grouped-GEMM calls (17-64
+// assignments) launched programmatically too; the grouped GEMM stays an ordinary launch.
+#ifndef MOETRT_GEMM_ROUTING_PROGRAMMATIC
+#define MOETRT_GEMM_ROUTING_PROGRAMMATIC 0
+#endif
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
 // 4096 tokens took 1.11 ms instead of 0.90); the GEMV regime's (decode) are programmatic.
 template <typename T, bool kGemm>
@@ -1110,11 +1115,7 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                       int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
-  // Build-time experiment (default off): the gate and routing of decode-sized grouped-GEMM calls (17-64
-  // assignments) launched programmatically too; the grouped GEMM stays an ordinary launch.
-#ifndef MOETRT_GEMM_ROUTING_PROGRAMMATIC
-#define MOETRT_GEMM_ROUTING_PROGRAMMATIC 0
-#endif
+  // MOETRT_GEMM_ROUTING_PROGRAMMATIC (above): the gate and routing of decode-sized grouped-GEMM calls too
   const bool programmatic_routing = programmatic || (MOETRT_GEMM_ROUTING_PROGRAMMATIC && A <= kProgrammaticMaxRows);
   const bool gate_ln = ln && tokens <= kGateLnMaxTokens && h / Vec<T>::N <= 128 * kGateLnVecs;
   if (ln && !gate_ln) {  // the LayerNorm as its own kernel
