@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
     float loc[TOK];
 #pragma unroll
     for (int j = 0; j < TOK; ++j) loc[j] = 0.f;
-    #pragma unroll 1
+#pragma unroll 1
     for (int v = threadIdx.x; v < hv; v += 128) {
       Vec<T> a[TOK], d[TOK];
 #pragma unroll
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
       mean[j] = j < nt ? total / static_cast<float>(hidden) : 0.f;
       loc[j] = 0.f;
     }
-    #pragma unroll 1
+#pragma unroll 1
     for (int v = threadIdx.x; v < hv; v += 128) {  // this thread's own xs entries: no barrier needed
 #pragma unroll
       for (int j = 0; j < TOK; ++j) {
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
       rstd[j] = j < nt ? rsqrtf(total / static_cast<float>(hidden) + ln.eps) : 0.f;
     }
     T* normed = static_cast<T*>(ln.normed);
-    #pragma unroll 1
+#pragma unroll 1
     for (int v = threadIdx.x; v < hv; v += 128) {
       Vec<T> gam = gam0, bet = bet0;
       if (v != threadIdx.x) {
@@ -832,10 +832,10 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   constexpr int BN = gemm_bn<BM>(), BK = gemm_bk<BM>();
   constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
   constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
-  constexpr int AR = BM / kRowStep, BR = BN / kRowStep;              // rows each thread copies
+  constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
-  T* Bs = As + S * BM * BK;           // [S][BN * BK]
+  T* Bs = As + S * BM * BK;            // [S][BN * BK]
   __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
   enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -976,7 +976,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj)  // n-tiles 2nj and 2nj + 1: (n 0-7 | 8-15) x (k 0-7 | 8-15)
         ldmatrix_x4(bf[buf][nj], b + swizzled<BK>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                              kk * 2 + ((lane >> 3) & 1)));
+                                                  kk * 2 + ((lane >> 3) & 1)));
     };
     load_fragments(0, 0);
 #pragma unroll
