@@ -149,16 +149,27 @@ def _add_layernorm_operands(a: DeviceArray, delta, sum_out, gamma, beta):
     return d, s, g, b
 
 
-def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
-    """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
+def _add_layernorm_io(x, delta, sum_out, gamma, beta, normed):
+    """x [rows, hidden] and normed (same shape and dtype) with ``_add_layernorm_operands``: (x, d, s, g, b, n)."""
     a = DeviceArray.of(x, "x")
     if len(a.shape) != 2:
         raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
-    rows, hidden = a.shape
-    _expect(a, "x", (rows, hidden), _float_dtypes())
+    _expect(a, "x", a.shape, _float_dtypes())
     d, s, g, b = _add_layernorm_operands(a, delta, sum_out, gamma, beta)
     n = DeviceArray.of(normed, "normed")
-    _expect(n, "normed", (rows, hidden), (a.dtype,))
+    _expect(n, "normed", a.shape, (a.dtype,))
+    return a, d, s, g, b, n
+
+
+def _layernorm_max_hidden(dtype: str) -> int:
+    """The LayerNorm kernels' limit: 1024 vectors of 16 bytes a row (128 threads x 8)."""
+    return 1024 * (16 // (4 if dtype == "fp32" else 2))
+
+
+def add_layernorm(x, delta, gamma, beta, sum_out, normed, epsilon: float = 1e-5, stream: int = 0, defer: bool = False):
+    """``sum_out = x + delta``; ``normed = LayerNorm(sum_out)`` (fp32 statistics). ``delta``/``sum_out`` may be None."""
+    a, d, s, g, b, n = _add_layernorm_io(x, delta, sum_out, gamma, beta, normed)
+    rows, hidden = a.shape
     return _launch("moetrt_add_layernorm", (a.ptr, d.ptr if d else None, g.ptr, b.ptr, s.ptr if s else None, n.ptr,
                                       rows, hidden, epsilon, DTYPE_CODES[a.dtype], stream,), "add_layernorm", defer)
 
@@ -280,16 +291,10 @@ def add_layernorm_moe(x, delta, gamma, beta, sum_out, normed, gate_weight, fc1_w
     token (batch-1 decode; more tokens launch it separately): the same bits as the two calls, one launch fewer.
     ``sum_out`` and ``normed`` are written (``sum_out`` only with ``delta``) and must not overlap ``x`` or ``delta``
     (blocks write them while others still read those)."""
-    a = DeviceArray.of(x, "x")
-    if len(a.shape) != 2:
-        raise KernelError(f"x: expected [rows, hidden], got {a.shape}")
-    rows, h = a.shape
-    _expect(a, "x", (rows, h), _float_dtypes())
-    if h > 1024 * (16 // (4 if a.dtype == "fp32" else 2)):
+    a, d, s, g, b, n = _add_layernorm_io(x, delta, sum_out, gamma, beta, normed)
+    h = a.shape[1]
+    if h > _layernorm_max_hidden(a.dtype):
         raise KernelError(f"add_layernorm_moe: hidden {h} exceeds the LayerNorm kernel's 1024 vectors of 16 bytes")
-    d, s, g, b = _add_layernorm_operands(a, delta, sum_out, gamma, beta)
-    n = DeviceArray.of(normed, "normed")
-    _expect(n, "normed", (rows, h), (a.dtype,))
     for written, wname in ((s, "sum_out"), (n, "normed")):
         for read, rname in ((a, "x"), (d, "delta")):
             if written is not None and read is not None and _overlap(written, read):
@@ -372,7 +377,7 @@ def add_layernorm_gemv_fits(rows: int, k: int, dtype: str) -> bool:
     """Whether add_layernorm_gemv takes these sizes (its normalised rows, gamma and beta in 44 KB of shared
     memory; k within the LayerNorm kernel's limit)."""
     size = 4 if dtype == "fp32" else 2
-    return 1 <= rows <= LAYERNORM_GEMV_MAX_ROWS and k % (16 // size) == 0 and k <= 1024 * (16 // size) \
+    return 1 <= rows <= LAYERNORM_GEMV_MAX_ROWS and k % (16 // size) == 0 and k <= _layernorm_max_hidden(dtype) \
         and (rows + 2) * k * size <= 44 << 10
 
 

@@ -148,20 +148,26 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
         }
       }
     }
+    // loc[j] := the block's sum of loc[j] for every token of the tile, in block_sum's order over the 4 warps; the
+    // two passes use separate partials, so no barrier is needed before the second one writes
     __shared__ float part[2][TOK][4];
-    float mean[TOK], rstd[TOK];
+    auto block_totals = [&](float(&p)[TOK][4]) {
 #pragma unroll
-    for (int j = 0; j < TOK; ++j) {
-      if (j < nt) {  // uniform over the block
-        const float w = warp_sum(loc[j]);
-        if (lane == 0) part[0][j][warp] = w;
+      for (int j = 0; j < TOK; ++j) {
+        if (j < nt) {  // uniform over the block
+          const float w = warp_sum(loc[j]);
+          if (lane == 0) p[j][warp] = w;
+        }
       }
-    }
-    __syncthreads();
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < TOK; ++j) loc[j] = (p[j][0] + p[j][2]) + (p[j][1] + p[j][3]);
+    };
+    float mean[TOK], rstd[TOK];
+    block_totals(part[0]);
 #pragma unroll
     for (int j = 0; j < TOK; ++j) {
-      const float total = (part[0][j][0] + part[0][j][2]) + (part[0][j][1] + part[0][j][3]);
-      mean[j] = j < nt ? total / static_cast<float>(hidden) : 0.f;
+      mean[j] = j < nt ? loc[j] / static_cast<float>(hidden) : 0.f;
       loc[j] = 0.f;
     }
 #pragma unroll 1
@@ -175,19 +181,9 @@ __global__ void __launch_bounds__(128) gate_logits_kernel(const T* __restrict__ 
         }
       }
     }
+    block_totals(part[1]);
 #pragma unroll
-    for (int j = 0; j < TOK; ++j) {
-      if (j < nt) {  // uniform over the block
-        const float w = warp_sum(loc[j]);
-        if (lane == 0) part[1][j][warp] = w;
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < TOK; ++j) {
-      const float total = (part[1][j][0] + part[1][j][2]) + (part[1][j][1] + part[1][j][3]);
-      rstd[j] = j < nt ? rsqrtf(total / static_cast<float>(hidden) + ln.eps) : 0.f;
-    }
+    for (int j = 0; j < TOK; ++j) rstd[j] = j < nt ? rsqrtf(loc[j] / static_cast<float>(hidden) + ln.eps) : 0.f;
     T* normed = static_cast<T*>(ln.normed);
 #pragma unroll 1
     for (int v = threadIdx.x; v < hv; v += 128) {
