@@ -5,7 +5,9 @@
 Captures the decode graph of each batch size, profiles 20 replays (torch.profiler / CUPTI: kernel start and end
 times inside the graph) and charges each kernel the time from the end of the kernel before it to its own end:
 with programmatic launch a kernel starts early and waits, so its start says little, but these increments add
-up to the step. Prints them summed per kernel name. Diagnostic; not part of the test suite."""
+up to the step. Prints them summed per kernel name; with TRACE=N also the first N kernels of one replay (start
+and end from the replay's first start, in us). Diagnostic; not part of the test suite."""
+import os
 import sys
 from collections import defaultdict
 
@@ -31,6 +33,12 @@ with Runtime(engine, device="cuda") as rt:
             rt.engine.stream.synchronize()
         kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                           if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+        trace = int(os.environ.get("TRACE", "0"))
+        if trace:
+            first = sorted(kernels[len(kernels) // REPLAYS * (REPLAYS - 1):])  # the last replay, by start
+            t0 = first[0][0]
+            for start, end, name in first[:trace]:
+                print(f"  {start - t0:9.2f} {end - t0:9.2f} {end - start:7.2f}  {name[:90]}")
         per = defaultdict(lambda: [0, 0.0])
         for (_, prev_end, _), (_, end, name) in zip(kernels, kernels[1:]):
             per[name][0] += 1

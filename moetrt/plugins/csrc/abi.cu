@@ -1,6 +1,4 @@
 #include <atomic>
-#include <mutex>
-#include <unordered_set>
 
 #include "common.cuh"
 
@@ -28,13 +26,3 @@ bool programmatic_launch_enabled() {
 }
 }  // namespace moetrt
 
-#if MOETRT_SMEM_CARVEOUT >= 0
-namespace moetrt {
-bool first_launch_of(const void* kernel) {
-  static std::mutex m;
-  static std::unordered_set<const void*> seen;
-  std::lock_guard<std::mutex> lock(m);
-  return seen.insert(kernel).second;
-}
-}  // namespace moetrt
-#endif

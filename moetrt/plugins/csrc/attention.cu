@@ -27,12 +27,6 @@ constexpr int kChunk = 256;
 constexpr int kDecodeThreads = 256;
 constexpr int kMaxHeadDim = 128;
 constexpr int kMaxSplits = 256;    // max_seq <= kMaxSplits * kChunk
-// Build-time experiment (default off): without kEarlyV (grids over two waves, batch 32 of the 350M model at
-// 8.9 us a layer for ~0.4 MB of K/V per sequence), the cached values still go to L2 before the wait (a prefetch
-// per 128-byte line, no registers), so that the loads after the softmax hit L2.
-#ifndef MOETRT_ATTN_PREFETCH_V
-#define MOETRT_ATTN_PREFETCH_V 0
-#endif
 
 struct Layout {
   int64_t batch_stride, head_stride, half;  // elements: per cache row, per head, K->V offset
@@ -75,8 +69,6 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     if (j < past) {
       k_first[u].load_cg(kcache + int64_t(j) * D + lane_in_group * N);
       if (kEarlyV) v_first[u].load_cg(vcache + int64_t(j) * D + lane_in_group * N);
-      else if (MOETRT_ATTN_PREFETCH_V && (lane_in_group * N * int(sizeof(T))) % 128 == 0)
-        prefetch_l2(vcache + int64_t(j) * D + lane_in_group * N);
     }
   }
   // A chunk past this sequence's keys leaves at once rather than holding its slot until the wait is over

@@ -221,17 +221,6 @@ __device__ __forceinline__ void prefetch_l2_range(const void* p, int64_t bytes, 
 
 bool programmatic_launch_enabled();  // abi.cu: the switch, and whether the current device has the feature
 
-// Build-time experiment (default off): every kernel asks for this shared-memory carveout (percent of the unified
-// L1 / shared memory) on its first launch. The hypothesis to measure: an SM reconfigures its carveout only when
-// idle, so a programmatically launched kernel needing more shared memory than the running kernel's carveout leaves
-// free (the MoE gate at 8 tokens takes 32 KB) cannot start early on that SM.
-#ifndef MOETRT_SMEM_CARVEOUT
-#define MOETRT_SMEM_CARVEOUT -1
-#endif
-#if MOETRT_SMEM_CARVEOUT >= 0
-bool first_launch_of(const void* kernel);  // abi.cu: true on the first call for each kernel
-#endif
-
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when enabled
 // and `programmatic`. Callers pass false for prefill-sized work: measured on an H100, a 510-token prefill took
 // 10.3 ms instead of 6.4 with it on everywhere (the attention kernel ran 3x slower, the grouped-GEMM MoE 1.2x),
@@ -250,10 +239,6 @@ inline void launch_if(bool programmatic, void (*kernel)(Params...), dim3 grid, d
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = programmatic && programmatic_launch_enabled() ? 1 : 0;
-#if MOETRT_SMEM_CARVEOUT >= 0
-  if (first_launch_of(reinterpret_cast<const void*>(kernel)))
-    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, MOETRT_SMEM_CARVEOUT);
-#endif
   cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 template <typename... Params, typename... Args>

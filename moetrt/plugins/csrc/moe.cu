@@ -6,7 +6,7 @@
 //  - few assignments (decode, <= kGemvMaxAssignments; fp32 always): GEMVs that read each hit expert's weights
 //    once with 16-byte loads, on tensor cores in fp16/bf16 (expert_mma_kernel), else a persistent FMA kernel over
 //    (active expert, 4-row chunk) items; one token with top-1 (batch-1 decode) skips the routing kernel: gate,
-//    FC1, FC2 (the FMA kernel);
+//    FC1 (the FMA kernel), FC2 (expert_fc2_one_kernel, or the FMA kernel past its size);
 //  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
 #include <algorithm>
 #include <type_traits>
@@ -657,6 +657,63 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
   if constexpr (kEarly) enter_after_predecessor();  // a warp that had no item
 }
 
+// ---- one token, top-1 (batch-1 decode): FC2 on its own, its code run once before the wait -------------------------
+// A kernel's code after griddepcontrol.wait is fetched cold: it last ran a layer ago, and the SM's instruction cache
+// has held a dozen other kernels since. Measured with %globaltimer stamps in the 350M batch-1 decode step (H100):
+// the generic FC2 (25 KB of SASS) took 2.9 us after its wait to read the 8 KB activation row, where a lone kernel
+// reading it takes 1.1, and 1.6-1.9 us more for its 128 FMAs a lane. So this kernel runs its post-wait code once
+// before the wait on a stand-in (one vector of its weight row re-read in place of every activation vector, the result
+// discarded) and then again, from the instruction cache, on the activations. The pass loop is not unrolled: both
+// passes are the same instructions. Batch-1 decode graph 0.561 -> 0.538 ms; the slim kernel without the first pass
+// 0.550; FC1 given the same treatment (a first pass on expert 0) lost: 0.564-0.569 ms (docs/performance.md).
+//
+// out[r] = residual[r] + prob * (W2[e][r] . act + b2[e][r]), a warp per row, K <= 32 * kOneVecsFc2 vectors. The
+// gate ran two kernels back, so the expert is known before the wait (common.cuh) and the row is in registers while
+// FC1 runs.
+constexpr int kOneVecsFc2 = 16;
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads, 2) expert_fc2_one_kernel(
+    const T* __restrict__ act, const T* __restrict__ weight, const T* __restrict__ bias, const float* __restrict__ logits,
+    const T* __restrict__ residual, T* __restrict__ out, int rows, int K, int experts) {
+  constexpr int VN = Vec<T>::N;
+  const int lane = threadIdx.x & 31, row = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
+  const int KV = K / VN;
+  int e;
+  float prob;
+  warp_top1(logits, experts, e, prob);
+  const bool active = row < rows;
+  const T* W = weight + (int64_t(e) * rows + (active ? row : 0)) * K;
+  Vec<T> wv[kOneVecsFc2];
+#pragma unroll
+  for (int u = 0; u < kOneVecsFc2; ++u) {
+    const int v = u * 32 + lane;
+    if (active && v < KV) wv[u].load_global_nc(W + v * VN);
+    else wv[u].raw = make_uint4(0, 0, 0, 0);
+  }
+  const float b = active ? to_float(bias[int64_t(e) * rows + row]) : 0.f;
+  float acc = 0.f;
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) enter_after_predecessor();  // FC1's activations from here on
+    const T* xs = (pass == 1 ? act : W) + lane * VN;  // pass 0: one vector of the weight row, re-read
+    const int step = pass == 1 ? 32 * VN : 0;
+    acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < kOneVecsFc2; ++u) {
+      if (u * 32 + lane >= KV) continue;
+      Vec<T> xv;
+      xv.load(xs + u * step);
+#pragma unroll
+      for (int i = 0; i < VN; ++i) acc += to_float(wv[u].v[i]) * to_float(xv.v[i]);
+    }
+  }
+  const float s = warp_sum(acc) + b;
+  if (active && lane == 0) {
+    const float v = prob * s;
+    out[row] = from_float<T>(residual ? v + to_float(residual[row]) : v);
+  }
+}
+
 // ---- few tokens per expert, fp16/bf16: tensor cores ---------------------------------------------------------------
 // A block per (active-expert slot, R x 8 output rows); blocks of slots past the active count exit at once. The
 // expert's assignments (at most kGemvMaxAssignments = 16) are the A rows of mma.m16n8k16 (common.cuh:
@@ -1098,11 +1155,6 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
     launch_expert_gemm<T, false, BM2>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind, stream);
 }
 
-// Build-time experiment (default off): the gate and routing of decode-sized grouped-GEMM calls (17-64
-// assignments) launched programmatically too; the grouped GEMM stays an ordinary launch.
-#ifndef MOETRT_GEMM_ROUTING_PROGRAMMATIC
-#define MOETRT_GEMM_ROUTING_PROGRAMMATIC 0
-#endif
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
 // 4096 tokens took 1.11 ms instead of 0.90); the GEMV regime's (decode) are programmatic.
 template <typename T, bool kGemm>
@@ -1111,8 +1163,6 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                       int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   const int A = tokens * top_k;
   const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
-  // MOETRT_GEMM_ROUTING_PROGRAMMATIC (above): the gate and routing of decode-sized grouped-GEMM calls too
-  const bool programmatic_routing = programmatic || (MOETRT_GEMM_ROUTING_PROGRAMMATIC && A <= kProgrammaticMaxRows);
   const bool gate_ln = ln && tokens <= kGateLnMaxTokens && h / Vec<T>::N <= 128 * kGateLnVecs;
   if (ln && !gate_ln) {  // the LayerNorm as its own kernel
     const int dtype = std::is_same_v<T, float> ? MOETRT_FP32 : std::is_same_v<T, __half> ? MOETRT_FP16 : MOETRT_BF16;
@@ -1129,14 +1179,19 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
     const dim3 grid((experts + 3) / 4, (tokens + tile - 1) / tile);
     auto kernel = gate_ln ? (tile == 1 ? gate_logits_kernel<T, true, 1> : gate_logits_kernel<T, true, kGateTok>)
                           : (tile == 1 ? gate_logits_kernel<T, false, 1> : gate_logits_kernel<T, false, kGateTok>);
-    launch_if(programmatic_routing, kernel, grid, 128, tile * h * sizeof(float), stream, hidden, gate_weight,
+    launch_if(programmatic, kernel, grid, 128, tile * h * sizeof(float), stream, hidden, gate_weight,
               w.logits, tokens, h, experts, tile, gate_ln ? *ln : GateLn{});
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
                                       experts, programmatic, stream);
-    launch_gemv<T, false, true, true>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, residual, out, false, 1, h, f,
-                                      act_kind, 1, experts, programmatic, stream);
+    constexpr int kBlockWarps = kGemvThreads / 32;
+    if (f <= 32 * kOneVecsFc2 * Vec<T>::N)
+      launch_if(programmatic, expert_fc2_one_kernel<T>, (h + kBlockWarps - 1) / kBlockWarps, kGemvThreads, 0, stream,
+                static_cast<const T*>(w.act), fc2_w, fc2_b, w.logits, residual, out, h, f, experts);
+    else
+      launch_gemv<T, false, true, true>(static_cast<const T*>(w.act), fc2_w, fc2_b, w, residual, out, false, 1, h, f,
+                                        act_kind, 1, experts, programmatic, stream);
     return launch_status();
   }
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
@@ -1147,8 +1202,8 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   } else {
     const bool fused_topk = tokens <= kRouteThreads / 32;
     if (!fused_topk)
-      launch_if(programmatic_routing, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
-    launch_if(programmatic_routing, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
+      launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
+    launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
               tokens, experts, top_k, capacity, fused_topk);
   }
   if constexpr (kGemm) {
