@@ -25,12 +25,25 @@ def test_init_inspect_convert(tmp_path, capsys):
     assert "parameters (active/token)  250,240" in capsys.readouterr().out
 
 
+def test_init_checkpoint_keeps_the_first_layers(tmp_path, capsys):
+    from moetrt.models import get_preset, load
+    assert main(["init-checkpoint", str(tmp_path / "ck3"), "--preset", "tiny", "--layers", "3", "--quiet"]) == 0
+    assert main(["init-checkpoint", str(tmp_path / "ck1"), "--preset", "tiny", "--layers", "1", "--quiet"]) == 0
+    full = get_preset("tiny")
+    three = load(tmp_path / "ck3").config
+    assert three == full.replace(num_layers=3, moe_layers=(1,))
+    one = load(tmp_path / "ck1").config  # no MoE layer left: no experts
+    assert one.num_layers == 1 and one.moe_layers == () and one.num_experts == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["inspect", "/nonexistent/ckpt"], "moetrt inspect: error: /nonexistent/ckpt: no such checkpoint folder"),
     (["init-checkpoint", "{tmp}/x", "--preset", "tiny", "--format", "fastertransformer", "--tp", "3"],
      "must divide num_heads (4)"),
     (["init-checkpoint", "{tmp}/x", "--preset", "tiny", "--format", "fastertransformer", "--dtype", "fp32",
       "--tp", "0"], "tensor-parallel size must be >= 1"),
+    (["init-checkpoint", "{tmp}/x", "--preset", "tiny", "--layers", "5"],
+     "--layers must be between 1 and 4 (the layers of preset 'tiny'), got 5"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

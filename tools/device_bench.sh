@@ -2,10 +2,11 @@
 # On the GPU machine: the 350M-64E preset end to end (synthetic checkpoint, compile, bench against PyTorch and
 # the floor). Logs and results under $OUT. With AB=1, instead of profile and bench: tools/engine_ab.py on the
 # engine, the default library (.devbuild/libmoetrt_kernels.so) against every other .devbuild/*.so (variant
-# builds), BATCHES and ROUNDS (default 2) as given.
+# builds), BATCHES and ROUNDS (default 2) as given. LAYERS=N: the preset's first N layers only (a quicker
+# checkpoint and compile for A/Bs; its figures are not the 350M model's).
 source "$(dirname "$0")/device_env.sh"
-CK=/tmp/ck350 ENG=/tmp/e350
-{ [ -f $CK/config.json ] || /usr/bin/time -v python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet; } 2>&1 | grep -E "error|Elapsed|Maximum resident" | tee "$OUT/init350.log"
+CK=/tmp/ck350${LAYERS:+_$LAYERS} ENG=/tmp/e350${LAYERS:+_$LAYERS}
+{ [ -f $CK/config.json ] || /usr/bin/time -v python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet ${LAYERS:+--layers $LAYERS}; } 2>&1 | grep -E "error|Elapsed|Maximum resident" | tee "$OUT/init350.log"
 { [ -f $ENG/engine.json ] || /usr/bin/time -v python3 -m moetrt compile $CK -o $ENG --dtype fp16 --max-batch ${MAXB:-32} --max-seq 512 --force; } 2>&1 | grep -vE "^\s+(Average|Exit|File|Involuntary|Major|Minor|Page|Percent|Signals|Socket|Swaps|System|User|Voluntary|Command)" | tee "$OUT/compile350.log"
 if [ "${AB:-0}" = 1 ]; then
   settings=("-")

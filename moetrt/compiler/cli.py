@@ -23,10 +23,18 @@ def cmd_init_checkpoint(args) -> int:
     from moetrt.models.checkpoints import init_checkpoint, parse_dtype
 
     config = get_preset(args.preset)
+    if args.layers is not None:
+        if not 1 <= args.layers <= config.num_layers:
+            raise MoetrtError(f"--layers must be between 1 and {config.num_layers} (the layers of preset "
+                              f"{args.preset!r}), got {args.layers}")
+        moe_layers = tuple(i for i in config.moe_layers if i < args.layers)
+        config = config.replace(num_layers=args.layers, moe_layers=moe_layers,
+                                num_experts=config.num_experts if moe_layers else 0)
     start = time.perf_counter()
     out = init_checkpoint(args.out, config, args.format, parse_dtype(args.dtype), args.tp, args.seed,
                           progress=not args.quiet, force=args.force)
-    print(f"wrote {args.format} checkpoint of preset {args.preset!r} ({args.dtype}, tp={args.tp}) to {out} "
+    layers = "" if args.layers is None else f", its first {args.layers} layer{'s' if args.layers > 1 else ''}"
+    print(f"wrote {args.format} checkpoint of preset {args.preset!r}{layers} ({args.dtype}, tp={args.tp}) to {out} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -265,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="moetrt", choices=FORMATS, help="checkpoint format (default moetrt)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel split (fastertransformer only; default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--layers", type=int, help="keep only the preset's first N layers (the same layer shapes, "
+                                              "for quick experiments; default: all)")
     _add_dtype(p, "fp16")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
