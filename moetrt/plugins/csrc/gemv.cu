@@ -137,11 +137,18 @@ __device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, in
   return xs;
 }
 
-template <typename T, int M, bool kLn, bool kStage = false>
+// Build-time experiment (default off): one row of x, K of 1025-4096 (fp16/bf16): the whole weight row in registers
+// before the wait (16 vectors a lane) rather than its first 1024 elements, the rest from L2 after the wait.
+#ifndef MOETRT_GEMV_PRE_ALL
+#define MOETRT_GEMV_PRE_ALL 0
+#endif
+constexpr int kPreAllVecs = 16;
+
+template <typename T, int M, bool kLn, bool kStage = false, int kPreVecs = 32 / Vec<T>::N>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
                                                                 int N, int K, int act, bool prefetch, AddLn<T> ln) {
-  constexpr int VN = Vec<T>::N, PRE = 32 / VN;  // PRE vectors per lane: 1024 elements of a row in fp16/bf16
+  constexpr int VN = Vec<T>::N, PRE = kPreVecs;  // vectors per lane: by default 1024 elements of a row in fp16/bf16
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
   const int lane = threadIdx.x & 31;
@@ -308,6 +315,13 @@ void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int 
     else
       launch_mma<T, 8>(x, w, bias, y, M, N, K, act, stream);
     return;
+  }
+  if constexpr (MOETRT_GEMV_PRE_ALL && M == 1 && sizeof(T) == 2) {
+    if (!ln && K > 1024 && K <= 32 * kPreAllVecs * Vec<T>::N && K * sizeof(T) <= size_t(kLnMaxSmem)) {
+      launch(gemv_kernel<T, 1, false, true, kPreAllVecs>, grid, kGemvWarps * 32, size_t(K) * sizeof(T), stream, x, w,
+             bias, y, N, K, act, false, AddLn<T>{});
+      return;
+    }
   }
   if (ln)
     launch(gemv_kernel<T, M, true>, grid, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w, bias, y, N,
