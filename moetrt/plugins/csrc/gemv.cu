@@ -137,11 +137,9 @@ __device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, in
   return xs;
 }
 
-// Build-time experiment (default off): one row of x, K of 1025-4096 (fp16/bf16): the whole weight row in registers
-// before the wait (16 vectors a lane) rather than its first 1024 elements, the rest from L2 after the wait.
-#ifndef MOETRT_GEMV_PRE_ALL
-#define MOETRT_GEMV_PRE_ALL 0
-#endif
+// One row of x, K of 1025-4096 (fp16/bf16; the dense FC2 of decode at batch 1): the whole weight row in registers
+// before the wait (16 vectors a lane) rather than its first 1024 elements with the rest read from L2 after the wait.
+// H100, 8-layer 350M decode graph at batch 1: 0.2092-0.2101 ms against 0.2113-0.2117 (docs/performance.md).
 constexpr int kPreAllVecs = 16;
 
 template <typename T, int M, bool kLn, bool kStage = false, int kPreVecs = 32 / Vec<T>::N>
@@ -210,83 +208,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #pragma unroll
     for (int m = 0; m < M; ++m) v = lane == m ? acc[m] : v;
     y[int64_t(lane) * N + n] = from_float<T>(activate(v + bias_n, act));
-  }
-}
-
-// Build-time experiment (default off): gemv_kernel for one row of x (with the LayerNorm or x staged), its post-wait
-// code run once before the wait on stand-ins (expert_fc2_one_kernel in moe.cu gained 4% of the batch-1 step that
-// way): the LayerNorm on the shared-memory tile itself, the FMAs on zeroed weight registers and that tile. So as
-// not to wait for them, the weights are loaded after that first pass, just before the wait.
-#ifndef MOETRT_GEMV_WARM
-#define MOETRT_GEMV_WARM 0
-#endif
-template <typename T, bool kLn>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_warm_kernel(const T* __restrict__ x,
-                                                                     const T* __restrict__ w,
-                                                                     const T* __restrict__ bias, T* __restrict__ y,
-                                                                     int N, int K, int act, bool prefetch,
-                                                                     AddLn<T> ln) {
-  constexpr int VN = Vec<T>::N, PRE = 32 / VN, kPreElems = PRE * 32 * VN;
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float scratch[kLn ? 32 : 1];
-  const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-  const bool active = n < N;
-  const T* row = w + int64_t(active ? n : 0) * K;
-  Vec<T> pre[PRE];
-#pragma unroll
-  for (int u = 0; u < PRE; ++u) pre[u].raw = make_uint4(0, 0, 0, 0);
-  const float bias_n = bias && active && lane == 0 ? to_float(bias[n]) : 0.f;
-  T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised row [K], then gamma [K] and beta [K]; else x [K]
-  if constexpr (kLn) load_layernorm_weights<T, 1>(ln, xs, K);
-  const AddLn<T> stand_in{xs, xs, ln.gamma, ln.beta, nullptr, ln.eps};
-#pragma unroll 1
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1) {
-#pragma unroll
-      for (int u = 0; u < PRE; ++u) {
-        const int k = (u * 32 + lane) * VN;
-        if (active && k < K) pre[u].load_global_nc(row + k);
-      }
-      if (prefetch && active && K > kPreElems)
-        prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
-      enter_after_predecessor();
-    }
-    if constexpr (kLn) {
-      if (pass == 1) cp_async_wait<0>();
-      __syncthreads();
-      add_layernorm_rows<T, 1>(pass == 1 ? ln : stand_in, xs, xs + K, xs + 2 * K, K, scratch);
-    } else {
-      if (pass == 1) {
-        for (int v = threadIdx.x; v < K / VN; v += blockDim.x) cp_async16(xs + v * VN, x + v * VN, true);
-        cp_async_commit();
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-    }
-    float acc = 0.f;
-    if (active) {
-#pragma unroll
-      for (int u = 0; u < PRE; ++u) {
-        const int k = (u * 32 + lane) * VN;
-        if (k >= K) continue;
-        Vec<T> xv;
-        xv.load(xs + k);
-#pragma unroll
-        for (int i = 0; i < VN; ++i) acc += to_float(pre[u].v[i]) * to_float(xv.v[i]);
-      }
-      const int k_end = pass == 1 ? K : kPreElems;  // the first pass reads no weights
-#pragma unroll 4
-      for (int k = kPreElems + lane * VN; k < k_end; k += 32 * VN) {
-        Vec<T> wv, xv;
-        wv.load_global_nc(row + k);
-        xv.load(xs + k);
-#pragma unroll
-        for (int i = 0; i < VN; ++i) acc += to_float(wv.v[i]) * to_float(xv.v[i]);
-      }
-    }
-    const float v = activate(warp_sum(acc) + bias_n, act);
-    if (pass == 1 && active && lane == 0) y[n] = from_float<T>(v);
   }
 }
 
@@ -393,19 +314,7 @@ void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int 
       launch_mma<T, 8>(x, w, bias, y, M, N, K, act, stream);
     return;
   }
-  if constexpr (MOETRT_GEMV_WARM && M == 1) {
-    if (ln) {
-      launch(gemv_warm_kernel<T, true>, grid, kGemvWarps * 32, size_t(3) * K * sizeof(T), stream, x, w, bias, y, N, K,
-             act, prefetch, *ln);
-      return;
-    }
-    if (size_t(K) * sizeof(T) <= size_t(kLnMaxSmem)) {
-      launch(gemv_warm_kernel<T, false>, grid, kGemvWarps * 32, size_t(K) * sizeof(T), stream, x, w, bias, y, N, K,
-             act, prefetch, AddLn<T>{});
-      return;
-    }
-  }
-  if constexpr (MOETRT_GEMV_PRE_ALL && M == 1 && sizeof(T) == 2) {
+  if constexpr (M == 1 && sizeof(T) == 2) {
     if (!ln && K > 1024 && K <= 32 * kPreAllVecs * Vec<T>::N && K * sizeof(T) <= size_t(kLnMaxSmem)) {
       launch(gemv_kernel<T, 1, false, true, kPreAllVecs>, grid, kGemvWarps * 32, size_t(K) * sizeof(T), stream, x, w,
              bias, y, N, K, act, false, AddLn<T>{});

@@ -714,65 +714,6 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_fc2_one_kernel(
   }
 }
 
-// Build-time experiment (default off; docs/performance.md, twelfth session): FC1 of one token in a slim kernel of its
-// own, act[r] = act_fn(W1[e][r] . x + b1[e][r]), a warp per 4 rows, K <= 32 * kOneVecsFc1 vectors. 1: as the
-// generic kernel, less its code; 2: also its post-wait code run once before the wait, on operands that are in L2
-// then (the gate's weights, which the running gate kernel reads: rows, bias, token and logits all stand-ins, the
-// expert set to 0). A first pass on expert 0's rows (from DRAM) measured slower: it outlasted the gate.
-#ifndef MOETRT_FC1_ONE
-#define MOETRT_FC1_ONE 0
-#endif
-constexpr int kOneRowsFc1 = 4, kOneVecsFc1 = 4;
-template <typename T, bool kWarm>
-__global__ void __launch_bounds__(kGemvThreads, 2) expert_fc1_one_kernel(
-    const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias, const float* __restrict__ logits,
-    const float* __restrict__ gate_weight, T* __restrict__ act, int rows, int K, int experts, int act_kind) {
-  constexpr int VN = Vec<T>::N, RG = kOneRowsFc1, CV = kOneVecsFc1;
-  const int lane = threadIdx.x & 31, row0 = (blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5)) * RG;
-  const int KV = K / VN;
-  const T* stand_in = reinterpret_cast<const T*>(gate_weight);  // the first pass reads 32 * VN of T from it
-#pragma unroll 1
-  for (int pass = kWarm ? 0 : 1; pass < 2; ++pass) {
-    if (pass == 1) enter_after_predecessor();
-    int e;
-    float prob;
-    warp_top1(pass == 1 ? logits : gate_weight, experts, e, prob);
-    if (pass == 0) e = 0;
-    const int64_t row_step = pass == 1 ? K : 0;
-    const int vec_step = pass == 1 ? 32 * VN : 0;
-    const T* W = (pass == 1 ? weight + (int64_t(e) * rows + row0) * K : stand_in) + lane * VN;
-    const T* B = pass == 1 ? bias + int64_t(e) * rows + row0 : stand_in;
-    Vec<T> wv[RG][CV];
-    float b[RG];
-#pragma unroll
-    for (int r = 0; r < RG; ++r) {
-#pragma unroll
-      for (int u = 0; u < CV; ++u) {
-        if (row0 + r < rows && u * 32 + lane < KV) wv[r][u].load_global_nc(W + r * row_step + u * vec_step);
-        else wv[r][u].raw = make_uint4(0, 0, 0, 0);
-      }
-      b[r] = row0 + r < rows ? to_float(B[r]) : 0.f;
-    }
-    const T* xs = (pass == 1 ? x : stand_in) + lane * VN;
-    float acc[RG] = {};
-#pragma unroll
-    for (int u = 0; u < CV; ++u) {
-      if (u * 32 + lane >= KV) continue;
-      Vec<T> xv;
-      xv.load(xs + u * vec_step);
-#pragma unroll
-      for (int r = 0; r < RG; ++r)
-#pragma unroll
-        for (int i = 0; i < VN; ++i) acc[r] += to_float(wv[r][u].v[i]) * to_float(xv.v[i]);
-    }
-#pragma unroll
-    for (int r = 0; r < RG; ++r) {
-      const float v = activate(warp_sum(acc[r]) + b[r], act_kind);
-      if (pass == 1 && lane == 0 && row0 + r < rows) act[row0 + r] = from_float<T>(v);
-    }
-  }
-}
-
 // ---- few tokens per expert, fp16/bf16: tensor cores ---------------------------------------------------------------
 // A block per (active-expert slot, R x 8 output rows); blocks of slots past the active count exit at once. The
 // expert's assignments (at most kGemvMaxAssignments = 16) are the A rows of mma.m16n8k16 (common.cuh:
@@ -1243,19 +1184,8 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   }
   if (!kGemm && tokens == 1 && top_k == 1) {  // one assignment, never dropped: the GEMVs route for themselves
     constexpr int kBlockWarps = kGemvThreads / 32;
-    bool fc1_done = false;
-    if constexpr (MOETRT_FC1_ONE > 0) {
-      constexpr int kRows = kBlockWarps * kOneRowsFc1;
-      // the first pass reads 32 vectors of T from the gate's weights
-      if (h <= 32 * kOneVecsFc1 * Vec<T>::N && int64_t(experts) * h * sizeof(float) >= 32 * 16) {
-        launch_if(programmatic, expert_fc1_one_kernel<T, MOETRT_FC1_ONE == 2>, (f + kRows - 1) / kRows, kGemvThreads, 0,
-                  stream, hidden, fc1_w, fc1_b, w.logits, gate_weight, static_cast<T*>(w.act), f, h, experts, act_kind);
-        fc1_done = true;
-      }
-    }
-    if (!fc1_done)
-      launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1,
-                                        experts, programmatic, stream);
+    launch_gemv<T, true, false, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, 1, f, h, act_kind, 1, experts,
+                                      programmatic, stream);
     if (f <= 32 * kOneVecsFc2 * Vec<T>::N)
       launch_if(programmatic, expert_fc2_one_kernel<T>, (h + kBlockWarps - 1) / kBlockWarps, kGemvThreads, 0, stream,
                 static_cast<const T*>(w.act), fc2_w, fc2_b, w.logits, residual, out, h, f, experts);
