@@ -732,6 +732,13 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_fc2_one_kernel(
 // 8 / 16: 0.836 / 1.021 / 1.374 ms against 0.845 / 1.039 / 1.400 with R = 1, kPre = 4; at batch 2 0.752 against
 // 0.741, hence from 4; R = 4 and FC1 with R = 2 or 4 measured slower). Epilogues as expert_gemv_kernel's (FC1:
 // bias + activation into act; FC2: into y, or with kOut the output).
+//
+// Build-time experiment (default off): MOETRT_MMA_SLOT_MINOR=1 numbers the blocks slot-fastest (block b: slot
+// b % slots, row group b / slots), so that the blocks of slots past the active count (at 8 tokens about 3 of the 8
+// slots: ~1400 of FC1's 4096 blocks) are spread over the grid instead of running as its tail after every active one.
+#ifndef MOETRT_MMA_SLOT_MINOR
+#define MOETRT_MMA_SLOT_MINOR 0
+#endif
 template <typename T, bool FC1, bool kOut, int kPre, int R = 1>
 __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mma_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
@@ -744,7 +751,12 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
   enter_after_predecessor();
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int blocks_per_expert = (rows + 8 * R - 1) / (8 * R);
+#if MOETRT_MMA_SLOT_MINOR
+  const int slots = gridDim.x / blocks_per_expert;
+  const int slot = blockIdx.x % slots, n0 = (blockIdx.x / slots) * 8 * R;
+#else
   const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8 * R;
+#endif
   // the active count and this slot's expert in one round trip (slot < experts: active[1 + slot] exists)
   const int n_active = w.active[0], e = w.active[1 + slot];
   if (slot >= n_active) return;
