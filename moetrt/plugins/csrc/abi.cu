@@ -25,4 +25,3 @@ bool programmatic_launch_enabled() {
   return g_programmatic.load(std::memory_order_relaxed) && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
 }
 }  // namespace moetrt
-
