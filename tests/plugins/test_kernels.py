@@ -305,7 +305,8 @@ def test_moe_every_token_on_one_expert(dtype, N):
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 # factors with capacity x experts < tokens x top_k, so that assignments are dropped whatever the routing
-# (16 and 8 tokens: the GEMV regime; 24: fp16's grouped GEMM, its top-k fused into the routing kernel)
+# (16 and 8 tokens: the GEMV regime; 24 and 64 top-1: fp16's grouped GEMM after route_small_kernel; 64 top-2, 512:
+# after route_kernel)
 @pytest.mark.parametrize("N, top_k, factor", [(16, 1, 0.5), (8, 2, 0.5), (24, 1, 0.5), (64, 1, 0.75), (64, 2, 0.5),
                                               (512, 1, 0.75), (512, 2, 0.9)])
 def test_moe_capacity_dropping(dtype, N, top_k, factor):
@@ -323,11 +324,14 @@ def test_moe_capacity_dropping(dtype, N, top_k, factor):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 # one token is normalised inside the gate kernel (top-1 without routing, top-2 through it; with and without delta;
-# h 40: vectors not a multiple of the block); 3, 8, 64 and 65 tokens launch the LayerNorm separately
-@pytest.mark.parametrize("N, top_k, h, with_delta", [(1, 1, 1024, True), (1, 2, 256, False), (1, 1, 40, True),
-                                                     (3, 2, 1024, True), (8, 1, 256, False), (64, 2, 256, True),
-                                                     (65, 1, 256, True)])
-def test_add_layernorm_moe_equals_the_two_calls(dtype, N, top_k, h, with_delta):
+# h 40: vectors not a multiple of the block); from 2 tokens the LayerNorm runs separately: the GEMV regime (3, 8,
+# 16), the grouped GEMM at decode sizes (24, 32; 32 top-2 is 64 assignments), capacity dropping (factor > 0,
+# min_capacity 1), 64 top-2, and 65 tokens (the register-tiled gate)
+@pytest.mark.parametrize("N, top_k, h, with_delta, factor", [
+    (1, 1, 1024, True, 0.0), (1, 2, 256, False, 0.0), (1, 1, 40, True, 0.0), (3, 2, 1024, True, 0.0),
+    (8, 1, 256, False, 0.0), (16, 1, 1024, True, 0.0), (32, 1, 256, True, 0.0), (32, 2, 256, False, 0.0),
+    (8, 2, 256, True, 0.5), (24, 1, 256, True, 0.5), (64, 2, 256, True, 0.0), (65, 1, 256, True, 0.0)])
+def test_add_layernorm_moe_equals_the_two_calls(dtype, N, top_k, h, with_delta, factor):
     """add_layernorm_moe gives the bits of add_layernorm followed by moe (sum, normed and the layer output), and
     its normed rows match the float64 LayerNorm."""
     E, f = 16, 256
@@ -343,11 +347,13 @@ def test_add_layernorm_moe_equals_the_two_calls(dtype, N, top_k, h, with_delta):
         normed, out = poisoned((N, h), dt), poisoned((N, h), dt)
         ws = torch.full((launch.moe_workspace_size(N, h, f, E, top_k, dtype),), 0xFF, dtype=torch.uint8,
                         device="cuda")
+        cap = dict(capacity_factor=factor, min_capacity=1)
         if fused:
-            launch.add_layernorm_moe(x, delta, gamma, beta, total, normed, *weights, out, ws, top_k, epsilon=1e-5)
+            launch.add_layernorm_moe(x, delta, gamma, beta, total, normed, *weights, out, ws, top_k, epsilon=1e-5,
+                                     **cap)
         else:
             launch.add_layernorm(x, delta, gamma, beta, total, normed, 1e-5)
-            launch.moe(normed, *weights, out, ws, top_k)
+            launch.moe(normed, *weights, out, ws, top_k, **cap)
         torch.cuda.synchronize()
         outs.append((total, normed, out))
     (t0, n0, o0), (t1, n1, o1) = outs

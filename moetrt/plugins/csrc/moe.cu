@@ -403,9 +403,9 @@ __device__ __forceinline__ void warp_top1(const float* __restrict__ l, int exper
 
 // ---- routing (one block): stable per-expert locations, capacity, offsets, the compact list of active experts,
 // and the permutation --------------------------------------------------------------------------------------------
-// With fused_topk (few tokens: decode) the block's warps first do softmax + top-k, saving a launch.
+// More than kSmallRouteMax assignments (prefill), after topk_kernel.
 __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int tokens, int experts, int top_k,
-                                                               int capacity, bool fused_topk) {
+                                                               int capacity) {
   extern __shared__ int32_t rsm[];
   int32_t* wcount = rsm;                 // [32][experts]
   int32_t* base = rsm + 32 * experts;    // [experts] running count, then the kept count
@@ -413,8 +413,6 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int assignments = tokens * top_k;
   enter_after_predecessor();
-  if (fused_topk)
-    for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) base[e] = 0;
   __syncthreads();
   for (int a0 = 0; a0 < assignments; a0 += blockDim.x) {
@@ -467,11 +465,12 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
   }
 }
 
-// ---- routing at decode sizes (at most 64 assignments, the GEMV regime): one warp per token does softmax + top-k,
-// then warp 0 alone builds what the GEMV regime reads (counts, offsets, active experts, perm, pos_of) with
-// match/scan steps of a few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds.
-// Same results as route_kernel (stable order a = slot * N + token, capacity), less loc, which only
-// the grouped GEMM reads.
+// ---- routing at decode sizes (at most 64 assignments): one warp per token does softmax + top-k, then warp 0 alone
+// builds what the expert kernels read (counts, offsets, active experts, perm, pos_of, loc) with match/scan steps of a
+// few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds. Same results as
+// route_kernel (stable order a = slot * N + token, capacity). Both regimes use it (the grouped GEMM at 17-64
+// assignments: H100, 350M decode graph at batch 32, two alternating rounds, 1.9382-1.9493 ms against 1.9740-1.9741
+// with route_kernel).
 constexpr int kSmallRouteMax = 64;
 __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
                                                             int capacity) {
@@ -533,6 +532,7 @@ __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int toke
   for (int c = 0; c < 2; ++c) {
     const int a = c * 32 + lane;
     if (a >= A) continue;
+    w.loc[a] = loc[c];
     if (capacity <= 0 || loc[c] < capacity) {
       const int p = count_s[e_of[c]] + loc[c];
       w.perm[p] = a;
@@ -733,12 +733,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_fc2_one_kernel(
 // 0.741, hence from 4; R = 4 and FC1 with R = 2 or 4 measured slower). Epilogues as expert_gemv_kernel's (FC1:
 // bias + activation into act; FC2: into y, or with kOut the output).
 //
-// Build-time experiment (default off): MOETRT_MMA_SLOT_MINOR=1 numbers the blocks slot-fastest (block b: slot
-// b % slots, row group b / slots), so that the blocks of slots past the active count (at 8 tokens about 3 of the 8
-// slots: ~1400 of FC1's 4096 blocks) are spread over the grid instead of running as its tail after every active one.
-#ifndef MOETRT_MMA_SLOT_MINOR
-#define MOETRT_MMA_SLOT_MINOR 0
-#endif
+// Blocks are numbered slot-fastest (block b: slot b % slots, row group b / slots), so that the blocks of slots past the
+// active count (at 8 tokens about 3 of the 8 slots: ~1400 of FC1's 4096 blocks), which exit at once, are spread over
+// the grid instead of running as its tail after every active one. H100, the first 8 layers of the 350M decode graphs
+// at batch 4 / 8 / 16 (three alternating rounds, medians): 0.3054 / 0.3733 / 0.4822 ms against 0.3059 / 0.3768 /
+// 0.4952 slot-major.
 template <typename T, bool FC1, bool kOut, int kPre, int R = 1>
 __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mma_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
@@ -751,12 +750,8 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
   enter_after_predecessor();
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int blocks_per_expert = (rows + 8 * R - 1) / (8 * R);
-#if MOETRT_MMA_SLOT_MINOR
   const int slots = gridDim.x / blocks_per_expert;
   const int slot = blockIdx.x % slots, n0 = (blockIdx.x / slots) * 8 * R;
-#else
-  const int slot = blockIdx.x / blocks_per_expert, n0 = (blockIdx.x % blocks_per_expert) * 8 * R;
-#endif
   // the active count and this slot's expert in one round trip (slot < experts: active[1 + slot] exists)
   const int n_active = w.active[0], e = w.active[1 + slot];
   if (slot >= n_active) return;
@@ -1215,15 +1210,13 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   }
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
-  if (!kGemm && A <= kSmallRouteMax) {
+  if (A <= kSmallRouteMax) {
     launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
               capacity);
   } else {
-    const bool fused_topk = tokens <= kRouteThreads / 32;
-    if (!fused_topk)
-      launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
+    launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
     launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
-              tokens, experts, top_k, capacity, fused_topk);
+              tokens, experts, top_k, capacity);
   }
   if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
