@@ -466,9 +466,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
 }
 
 // ---- routing at decode sizes (at most 64 assignments): one warp per token does softmax + top-k, then warp 0 alone
-// builds what the expert kernels read (counts, offsets, active experts, perm, pos_of, loc) with match/scan steps of a
+// builds what the expert kernels read (counts, offsets, active experts, perm, pos_of) with match/scan steps of a
 // few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds. Same results as
-// route_kernel (stable order a = slot * N + token, capacity). Both regimes use it (the grouped GEMM at 17-64
+// route_kernel (stable order a = slot * N + token, capacity), less loc, route_kernel's own scratch. Both regimes use it (the grouped GEMM at 17-64
 // assignments: H100, 350M decode graph at batch 32, two alternating rounds, 1.9382-1.9493 ms against 1.9740-1.9741
 // with route_kernel).
 constexpr int kSmallRouteMax = 64;
@@ -532,7 +532,6 @@ __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int toke
   for (int c = 0; c < 2; ++c) {
     const int a = c * 32 + lane;
     if (a >= A) continue;
-    w.loc[a] = loc[c];
     if (capacity <= 0 || loc[c] < capacity) {
       const int p = count_s[e_of[c]] + loc[c];
       w.perm[p] = a;
