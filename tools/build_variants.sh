@@ -30,7 +30,7 @@ cp "$root/default/libmoetrt_kernels.so" .devbuild/
 for spec in "$@"; do
   name=${spec%%=*} flags=${spec#*=}
   echo "building $name ($flags)"
-  if [[ $flags == @* ]]; then  # the tree at a revision, in a worktree kept with the build folders
+  if [[ $flags == @* ]]; then  # the tree at a revision, from a worktree under $root for the build's time
     src="$root/src_$name"
     git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
     git worktree add --quiet --detach -f "$src" "${flags#@}"

@@ -468,9 +468,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
 // ---- routing at decode sizes (at most 64 assignments): one warp per token does softmax + top-k, then warp 0 alone
 // builds what the expert kernels read (counts, offsets, active experts, perm, pos_of) with match/scan steps of a
 // few hundred cycles, where route_kernel's block-wide passes and serial loop took microseconds. Same results as
-// route_kernel (stable order a = slot * N + token, capacity), less loc, route_kernel's own scratch. Both regimes use it (the grouped GEMM at 17-64
-// assignments: H100, 350M decode graph at batch 32, two alternating rounds, 1.9382-1.9493 ms against 1.9740-1.9741
-// with route_kernel).
+// route_kernel (stable order a = slot * N + token, capacity), less loc, route_kernel's own scratch. Both regimes use
+// it (the grouped GEMM at 17-64 assignments: H100, 350M decode graph at batch 32, two alternating rounds,
+// 1.9382-1.9493 ms against 1.9740-1.9741 with route_kernel).
 constexpr int kSmallRouteMax = 64;
 __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
                                                             int capacity) {
