@@ -31,16 +31,16 @@ for spec in "$@"; do
   name=${spec%%=*} flags=${spec#*=}
   echo "building $name ($flags)"
   if [[ $flags == @* ]]; then  # the tree at a revision, from a worktree under $root for the build's time
-    src="$root/src_$name"
+    dir="r_$name" src="$root/src_$name"
     git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
     git worktree add --quiet --detach -f "$src" "${flags#@}"
-    build "r_$name" "" "$src"
+    build "$dir" "" "$src"
     git worktree remove --force "$src"
-    cp "$root/r_$name/libmoetrt_kernels.so" "$root/pack/lib_$name.so"
   else
-    build "v_$name" "$flags"
-    cp "$root/v_$name/libmoetrt_kernels.so" "$root/pack/lib_$name.so"
+    dir="v_$name"
+    build "$dir" "$flags"
   fi
+  cp "$root/$dir/libmoetrt_kernels.so" "$root/pack/lib_$name.so"
 done
 [ $# -gt 0 ] && tar cf - -C "$root/pack" . | xz -6 -T2 > .devbuild/variants.tar.xz
 du -sh .devbuild
