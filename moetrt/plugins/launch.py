@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+import numpy as np
+
 from moetrt.errors import KernelError
 from moetrt.plugins.kernels import DTYPE_CODES, check, load_library
 
@@ -30,6 +32,8 @@ _SIGNATURES = {
     "moetrt_gather_rows": [_P] * 3 + [_I64] * 3 + [_I32, _P],
     "moetrt_gemv": [_P] * 4 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
+    "moetrt_gemv_residual": [_P] * 5 + [_I64] * 3 + [_I32, _I32, _P],
+    "moetrt_gemv_folded": [_P] * 5 + [_I64] * 3 + [_F32, _I32, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
 
@@ -371,6 +375,69 @@ def gemv(x, weight, bias, y, activation: str = "none", stream: int = 0, defer: b
         _expect(b, "bias", (N,), (a.dtype,))
     return _launch("moetrt_gemv", (a.ptr, w.ptr, b.ptr if b else None, o.ptr, M, N, K, _activation(activation),
                                    DTYPE_CODES[a.dtype], stream), "gemv", defer)
+
+
+def _gemv_io(what: str, x, weight, y) -> tuple[DeviceArray, DeviceArray, DeviceArray, int, int, int]:
+    a, w, o = DeviceArray.of(x, "x"), DeviceArray.of(weight, "weight"), DeviceArray.of(y, "y")
+    if len(a.shape) != 2 or len(w.shape) != 2:
+        raise KernelError(f"{what}: expected x [M, K] and weight [N, K], got {a.shape}, {w.shape}")
+    (M, K), (N, _) = a.shape, w.shape
+    _expect(a, "x", (M, K), _float_dtypes())
+    if not 1 <= M <= gemv_max_rows(a.dtype):
+        raise KernelError(f"{what}: x has {M} rows; at most {gemv_max_rows(a.dtype)} in {a.dtype}")
+    _expect(w, "weight", (N, K), (a.dtype,))
+    _expect(o, "y", (M, N), (a.dtype,))
+    if K % (4 if a.dtype == "fp32" else 8):
+        raise KernelError(f"{what}: K = {K} must be a multiple of 16 bytes of {a.dtype}")
+    return a, w, o, M, N, K
+
+
+def gemv_residual(x, weight, bias, residual, y, activation: str = "none", stream: int = 0, defer: bool = False):
+    """``gemv`` with the residual added last: ``y = residual + act(x @ weight.T + bias)``, the sum rounded as
+    ``add_layernorm`` forms it from the separate GEMV's output (the same bits). ``y`` may be ``residual`` itself,
+    and must not overlap ``x``."""
+    a, w, o, M, N, K = _gemv_io("gemv_residual", x, weight, y)
+    r = DeviceArray.of(residual, "residual")
+    _expect(r, "residual", (M, N), (a.dtype,))
+    if _overlap(o, a) or (_overlap(o, r) and o.ptr != r.ptr):
+        raise KernelError("gemv_residual: y overlaps x, or residual without being it")
+    b = None
+    if bias is not None:
+        b = DeviceArray.of(bias, "bias")
+        _expect(b, "bias", (N,), (a.dtype,))
+    return _launch("moetrt_gemv_residual", (a.ptr, w.ptr, b.ptr if b else None, r.ptr, o.ptr, M, N, K,
+                                            _activation(activation), DTYPE_CODES[a.dtype], stream), "gemv_residual",
+                   defer)
+
+
+def fold_layernorm(gamma, beta, weight, bias=None):
+    """The inputs of ``gemv_folded`` for ``LayerNorm(., gamma, beta)`` followed by ``x @ weight.T + bias`` (host
+    numpy arrays; ``weight [N, K]``): ``(weight * gamma, colsum, bias + weight @ beta)``, the first in weight's
+    dtype, the other two fp32 ``[N]``; colsum sums the rounded folded weights, so that ``mu * colsum`` cancels
+    what the kernel's products hold. Sums in float64."""
+    w = np.asarray(weight)
+    w64 = w.astype(np.float64)
+    folded = (w64 * np.asarray(gamma, dtype=np.float64)[None, :]).astype(w.dtype)
+    colsum = folded.astype(np.float64).sum(axis=1).astype(np.float32)
+    b = w64 @ np.asarray(beta, dtype=np.float64)
+    if bias is not None:
+        b = b + np.asarray(bias, dtype=np.float64)
+    return folded, colsum, b.astype(np.float32)
+
+
+def gemv_folded(x, weight, colsum, bias, y, activation: str = "none", epsilon: float = 1e-5, stream: int = 0,
+                defer: bool = False):
+    """The GEMV after a LayerNorm, run on its un-normalised input ``x`` with the LayerNorm's affine folded into
+    the weights (``fold_layernorm``): ``y = act(r * (x @ weight.T - mu * colsum) + bias)``, ``mu`` and
+    ``r = 1 / sqrt(var + epsilon)`` per row of ``x``. ``colsum`` and ``bias`` are fp32 ``[N]``."""
+    a, w, o, M, N, K = _gemv_io("gemv_folded", x, weight, y)
+    c, b = DeviceArray.of(colsum, "colsum"), DeviceArray.of(bias, "bias")
+    _expect(c, "colsum", (N,), ("fp32",))
+    _expect(b, "bias", (N,), ("fp32",))
+    if _overlap(o, a):
+        raise KernelError("gemv_folded: y overlaps x")
+    return _launch("moetrt_gemv_folded", (a.ptr, w.ptr, c.ptr, b.ptr, o.ptr, M, N, K, float(epsilon),
+                                          _activation(activation), DTYPE_CODES[a.dtype], stream), "gemv_folded", defer)
 
 
 def add_layernorm_gemv_fits(rows: int, k: int, dtype: str) -> bool:

@@ -154,6 +154,68 @@ def test_add_layernorm_gemv_refuses_what_it_cannot_do():
     with pytest.raises(Exception, match="sum_out: required"):
         launch.add_layernorm_gemv(x, x.clone(), g, g, None, w, None, y)
 
+def fold_on_device(gamma, beta, w, b, dt):
+    """fold_layernorm's arithmetic in torch (numpy has no bf16): W' in dt, colsum and bias' fp32, on the GPU."""
+    g64, w64 = gamma.double(), w.double()
+    folded = (w64 * g64[None, :]).to(dt)
+    colsum = folded.double().sum(1).float()
+    bias = (w64 @ beta.double() + (b.double() if b is not None else 0.0)).float()
+    return folded, colsum, bias
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows, n, k, activation, mean", [
+    (1, 3072, 1024, "none", 0.0), (1, 1024, 4096, "gelu_tanh", 2.0), (2, 4096, 1024, "gelu_tanh", 0.0),
+    (5, 200, 1032, "none", 3.0), (8, 3072, 1024, "none", 0.5), (8, 1000, 64, "gelu", 0.0),
+    (16, 3072, 1024, "none", 1.0), (25, 4096, 1024, "gelu_tanh", 0.0), (32, 1024, 4096, "none", 4.0)])
+def test_gemv_folded(dtype, rows, n, k, activation, mean):
+    """The GEMV after a LayerNorm on the un-normalised rows, the affine folded into the weights: against float64
+    LayerNorm then GEMM. Rows offset by `mean` exercise the statistics' shift; one row of K 4096 runs the
+    whole-row kernel, 2-32 rows of fp16/bf16 the tensor-core one (K 1032: a partial last chunk), 5 and 8 rows of
+    fp32 the FMA one. Two roundings: the folded weights, then y."""
+    dt = DTYPES[dtype]
+    if rows > launch.gemv_max_rows(dtype):
+        pytest.skip(f"{dtype} takes at most {launch.gemv_max_rows(dtype)} rows")
+    x = (mean + torch.randn(rows, k, device="cuda")).to(dt)
+    gamma, beta = (1 + 0.2 * torch.randn(k, device="cuda")).to(dt), (0.2 * torch.randn(k, device="cuda")).to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = torch.randn(n, device="cuda").to(dt)
+    folded, colsum, bias = fold_on_device(gamma, beta, w, b, dt)
+    y = poisoned((rows, n), dt)
+    launch.gemv_folded(x, folded, colsum, bias, y, activation, 1e-5)
+    torch.cuda.synchronize()
+    normed = add_layernorm_reference(cpu(x), None, cpu(gamma), cpu(beta), 1e-5)[1]
+    pre = normed @ cpu(w).T + cpu(b)
+    ref = pre if activation == "none" else bias_act_reference(pre, np.zeros(n), activation)
+    assert rel_err(y, ref) < 2 * BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows, n, k, activation", [
+    (1, 1024, 1024, "none"), (1, 1024, 4096, "none"), (3, 1024, 4096, "gelu_tanh"), (8, 1000, 1032, "none"),
+    (16, 1024, 1024, "none"), (32, 1024, 4096, "none")])
+def test_gemv_residual(dtype, rows, n, k, activation):
+    """y = residual + the GEMV, bit for bit the GEMV's output added to the residual as add_layernorm forms the sum
+    (in fp32, rounded once), also in place (y = residual)."""
+    dt = DTYPES[dtype]
+    if rows > launch.gemv_max_rows(dtype):
+        pytest.skip(f"{dtype} takes at most {launch.gemv_max_rows(dtype)} rows")
+    x = torch.randn(rows, k, device="cuda").to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = torch.randn(n, device="cuda").to(dt)
+    res = torch.randn(rows, n, device="cuda").to(dt)
+    y, alone = poisoned((rows, n), dt), poisoned((rows, n), dt)
+    launch.gemv_residual(x, w, b, res, y, activation)
+    launch.gemv(x, w, b, alone, activation)
+    inplace = res.clone()
+    launch.gemv_residual(x, w, b, inplace, inplace, activation)
+    torch.cuda.synchronize()
+    want = (res.float() + alone.float()).to(dt)
+    assert torch.equal(y, want) and torch.equal(inplace, want)
+    with pytest.raises(KernelError, match="overlaps x"):
+        launch.gemv_residual(x, w, b, res, x.view(-1)[:rows * n].view(rows, n), activation)  # n <= k here
+
+
 # -- attention ---------------------------------------------------------------------------------------
 
 def run_attention(dtype, past, tokens, heads, head_dim, max_batch, max_seq, ws=None):

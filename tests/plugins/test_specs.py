@@ -65,3 +65,27 @@ def test_specs_carry_the_plugin_attributes():
         assert attrs["plugin_namespace"] == "moetrt"
     with pytest.raises(ValueError, match="unknown attribute"):
         SPECS["MoE"].node_attributes(topk=2)
+
+
+@pytest.mark.parametrize("mean", [0.0, 4.0])
+def test_fold_layernorm_is_layernorm_then_linear(mean):
+    """gemv_folded's contract, in float64 on the CPU: r (x W'^T - mu colsum) + b' with fold_layernorm's W', colsum
+    and b' is LayerNorm(x) gamma + beta then x W^T + b (colsum and b' are fp32, hence the 1e-6)."""
+    from moetrt.plugins.launch import fold_layernorm
+    rng = np.random.default_rng(int(mean))
+    M, K, N = 5, 96, 40
+    x = mean + rng.standard_normal((M, K))
+    gamma, beta = 1 + 0.2 * rng.standard_normal(K), 0.2 * rng.standard_normal(K)
+    w, b = rng.standard_normal((N, K)) / K ** 0.5, rng.standard_normal(N)
+    folded, colsum, bias = fold_layernorm(gamma, beta, w, b)
+    assert folded.dtype == np.float64 and colsum.dtype == bias.dtype == np.float32
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    r = 1 / np.sqrt(var + 1e-5)
+    got = r * (x @ folded.T - mu * colsum.astype(np.float64)) + bias
+    want = add_layernorm_reference(x, None, gamma, beta, 1e-5)[1] @ w.T + b
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # fp16 weights: the folded ones are rounded once, colsum sums them as rounded
+    f16, c16, _ = fold_layernorm(gamma, beta, w.astype(np.float16))
+    assert f16.dtype == np.float16
+    np.testing.assert_array_equal(f16, (w.astype(np.float16).astype(np.float64) * gamma).astype(np.float16))
+    np.testing.assert_allclose(c16, f16.astype(np.float64).sum(1), rtol=1e-6)

@@ -7,6 +7,15 @@
 // The AddLayerNorm variant takes x = LayerNorm(x + delta) as its input: every block recomputes the M normalised
 // rows in shared memory (a few KB from L2, while its weights are in flight) with add_layernorm_kernel's exact
 // arithmetic, and block 0 writes the sum; one kernel boundary fewer per pair, the same bits.
+//
+// Two epilogues replace the LayerNorm kernel between a GEMV and the next one altogether (kEpi):
+//  - kEpiResidual (the GEMV before the LayerNorm): y = residual + T(act(x W^T + bias)), the residual stream itself
+//    (add_layernorm's sum, the same bits), so that no kernel adds it;
+//  - kEpiFolded (the GEMV after it), on that residual stream s with the LayerNorm's affine folded into the weights
+//    (W' = W diag(gamma), colsum = W' 1, bias' = bias + W beta, on the host): y = act(r (s W'^T - mu colsum) +
+//    bias') with mu and r = 1 / sqrt(var + eps) of each row of s, which every block gathers from the rows it loads
+//    for its products anyway (one pass, shifted by the row's first element). No normalised rows exist: the bits
+//    differ from LayerNorm then GEMV (float64 comparison in tests/plugins/test_kernels.py).
 #include "common.cuh"
 
 using namespace moetrt;
@@ -30,6 +39,15 @@ constexpr int kLnMaxSmem = 44 << 10;
 #define MOETRT_GEMV_STAGE_MAX_ROWS 4
 #endif
 constexpr int kStageMaxRows = MOETRT_GEMV_STAGE_MAX_ROWS;
+
+enum { kEpiPlain = 0, kEpiResidual = 1, kEpiFolded = 2 };
+template <typename T>
+struct GemvEpi {
+  const float* colsum;  // kEpiFolded: [N]
+  const float* bias;    // kEpiFolded: [N], fp32 (the kernel's T bias is unused)
+  const T* residual;    // kEpiResidual: [rows, N]
+  float eps;            // kEpiFolded
+};
 
 template <typename T>
 struct AddLn {  // normed = LayerNorm(x + delta) * gamma + beta, sum_out = x + delta (block 0; when both given)
@@ -142,10 +160,30 @@ __device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, in
 // H100, 8-layer 350M decode graph at batch 1: 0.2092-0.2101 ms against 0.2113-0.2117 (docs/performance.md).
 constexpr int kPreAllVecs = 16;
 
-template <typename T, int M, bool kLn, bool kStage = false, int kPreVecs = 32 / Vec<T>::N>
+// The output element o (row-major [rows, N]) from its dot product v: bias and activation, then kEpiResidual's add or
+// kEpiFolded's normalisation (st, sq: the row's sum and sum of squares of x - sh over its K elements).
+template <typename T, int kEpi>
+__device__ __forceinline__ T epilogue(float v, float bias, float colsum, float st, float sq, float sh, int K, int act,
+                                      const GemvEpi<T>& epi, int64_t o) {
+  if constexpr (kEpi == kEpiFolded) {
+    const float d = st / static_cast<float>(K);                         // mean - sh
+    const float var = fmaxf(sq / static_cast<float>(K) - d * d, 0.f);  // of x - sh, hence of x
+    const float r = rsqrtf(var + epi.eps);
+    return from_float<T>(activate(r * (v - (sh + d) * colsum) + bias, act));
+  } else if constexpr (kEpi == kEpiResidual) {
+    const T delta = from_float<T>(activate(v + bias, act));  // rounded as the separate GEMV writes it
+    return from_float<T>(to_float(epi.residual[o]) + to_float(delta));
+  } else {
+    return from_float<T>(activate(v + bias, act));
+  }
+}
+
+template <typename T, int M, bool kLn, bool kStage = false, int kPreVecs = 32 / Vec<T>::N, int kEpi = kEpiPlain>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                 const T* __restrict__ bias, T* __restrict__ y,
-                                                                int N, int K, int act, bool prefetch, AddLn<T> ln) {
+                                                                int N, int K, int act, bool prefetch, AddLn<T> ln,
+                                                                GemvEpi<T> epi) {
+  static_assert(!(kLn && kEpi != kEpiPlain), "the LayerNorm prologue has the plain epilogue");
   constexpr int VN = Vec<T>::N, PRE = kPreVecs;  // vectors per lane: by default 1024 elements of a row in fp16/bf16
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
@@ -164,7 +202,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   constexpr int kPreElems = PRE * 32 * VN;
   if (prefetch && active && K > kPreElems)
     prefetch_l2_range(row + kPreElems, int64_t(K - kPreElems) * sizeof(T), lane, 32);
-  const float bias_n = bias && active && lane < M ? to_float(bias[n]) : 0.f;  // a weight too: before the wait
+  // weights too, before the wait: the bias, and with kEpiFolded the column sums
+  const float bias_n = kEpi == kEpiFolded ? (active && lane < M ? epi.bias[n] : 0.f)
+                                          : (bias && active && lane < M ? to_float(bias[n]) : 0.f);
+  const float colsum_n = kEpi == kEpiFolded && active && lane < M ? epi.colsum[n] : 0.f;
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
   if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
@@ -178,16 +219,26 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     x = xs;
   }
   if (!active) return;
-  float acc[M];
+  float acc[M], st[M], sq[M], sh[M];  // kEpiFolded: this lane's sum and sum of squares of x - sh, per row
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  auto fma_vec = [&](const Vec<T>& wv, int k) {
+  for (int m = 0; m < M; ++m) {
+    acc[m] = st[m] = sq[m] = 0.f;
+    sh[m] = kEpi == kEpiFolded ? to_float(x[int64_t(m) * K]) : 0.f;
+  }
+  auto fma_vec = [&](const Vec<T>& wv, int k) {  // the warp's lanes cover each row of x once
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       Vec<T> xv;
       xv.load(x + int64_t(m) * K + k);
 #pragma unroll
-      for (int i = 0; i < VN; ++i) acc[m] += to_float(wv.v[i]) * to_float(xv.v[i]);
+      for (int i = 0; i < VN; ++i) {
+        acc[m] += to_float(wv.v[i]) * to_float(xv.v[i]);
+        if constexpr (kEpi == kEpiFolded) {
+          const float d = to_float(xv.v[i]) - sh[m];
+          st[m] += d;
+          sq[m] += d * d;
+        }
+      }
     }
   };
 #pragma unroll
@@ -202,12 +253,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     fma_vec(wv, k);
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+  for (int m = 0; m < M; ++m) {
+    acc[m] = warp_sum(acc[m]);
+    if constexpr (kEpi == kEpiFolded) {
+      st[m] = warp_sum(st[m]);
+      sq[m] = warp_sum(sq[m]);
+    }
+  }
   if (lane < M) {
-    float v = 0.f;
+    float v = 0.f, vs = 0.f, vq = 0.f, vh = 0.f;
 #pragma unroll
-    for (int m = 0; m < M; ++m) v = lane == m ? acc[m] : v;
-    y[int64_t(lane) * N + n] = from_float<T>(activate(v + bias_n, act));
+    for (int m = 0; m < M; ++m) {
+      v = lane == m ? acc[m] : v;
+      vs = lane == m ? st[m] : vs;
+      vq = lane == m ? sq[m] : vq;
+      vh = lane == m ? sh[m] : vh;
+    }
+    y[int64_t(lane) * N + n] = epilogue<T, kEpi>(v, bias_n, colsum_n, vs, vq, vh, K, act, epi, int64_t(lane) * N + n);
   }
 }
 
@@ -229,20 +291,23 @@ constexpr int kMmaMinRows = MOETRT_GEMV_MMA_MIN_ROWS;
 // Blocks an SM is sized for (registers): 4 (1 chunk in registers), 2 (4 chunks), fewer past 16 rows.
 constexpr int mma_min_blocks(int M, int kPre) { return kPre == 1 ? (M > 16 ? 3 : 4) : (M > 16 ? 1 : 2); }
 
-template <typename T, int M, bool kLn, int kPre>
+template <typename T, int M, bool kLn, int kPre, int kEpi = kEpiPlain>
 __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv_mma_kernel(const T* __restrict__ x,
                                                                                      const T* __restrict__ w,
                                                                                      const T* __restrict__ bias,
                                                                                      T* __restrict__ y, int rows,
                                                                                      int N, int K, int act,
-                                                                                     bool prefetch, AddLn<T> ln) {
+                                                                                     bool prefetch, AddLn<T> ln,
+                                                                                     GemvEpi<T> epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 32 && (!kLn || M <= 8) && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
+  static_assert(!(kLn && kEpi != kEpiPlain), "the LayerNorm prologue has the plain epilogue");
   constexpr int MT = (M + 15) / 16;  // MMAs per weight fragment
   const int R = kLn ? M : rows;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
   __shared__ float part[kGemvWarps][M][8];
+  __shared__ float stat[kEpi == kEpiFolded ? kGemvWarps : 1][M][2];  // per warp and row: sum, squares of x - shift
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 8, chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow = n0 + g < N ? w + int64_t(n0 + g) * K : nullptr;
@@ -253,7 +318,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
       if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow + c * kMmaChunk + t * 64);
   const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // this thread writes y[m_out, n0 + r_out]
   const bool writer = m_out < R && n0 + r_out < N;
-  const float bias_v = bias && writer ? to_float(bias[n0 + r_out]) : 0.f;
+  const float bias_v = kEpi == kEpiFolded ? (writer ? epi.bias[n0 + r_out] : 0.f)
+                                          : (bias && writer ? to_float(bias[n0 + r_out]) : 0.f);
+  const float colsum_v = kEpi == kEpiFolded && writer ? epi.colsum[n0 + r_out] : 0.f;
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
   if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
@@ -263,6 +330,47 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) xr[h] = (8 * h < M && g + 8 * h < R) ? x + int64_t(g + 8 * h) * K : nullptr;
   mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t);
+  if constexpr (kEpi == kEpiFolded) {
+    // the row statistics: this lane's elements of its A rows are the ones it just loaded (L1), each element of a
+    // row once over the quad's lanes and the warps' chunks
+    float st[2 * MT], sq[2 * MT], sh[2 * MT];
+#pragma unroll
+    for (int h = 0; h < 2 * MT; ++h) {
+      st[h] = sq[h] = 0.f;
+      sh[h] = xr[h] ? to_float(xr[h][0]) : 0.f;
+    }
+    for (int c = warp; c < chunks; c += kGemvWarps) {
+#pragma unroll
+      for (int u = 0; u < kMmaVecs; ++u) {
+        const int k = c * kMmaChunk + (t + 4 * u) * 8;
+#pragma unroll
+        for (int h = 0; h < 2 * MT; ++h) {
+          if (!xr[h] || k >= K) continue;
+          Vec<T> a;
+          a.load(xr[h] + k);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float d = to_float(a.v[i]) - sh[h];
+            st[h] += d;
+            sq[h] += d * d;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        st[h] += __shfl_xor_sync(0xffffffffu, st[h], o);
+        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], o);
+      }
+      const int r = g + 8 * h;
+      if (t == 0 && 8 * h < M && r < M) {
+        stat[warp][r][0] = st[h];
+        stat[warp][r][1] = sq[h];
+      }
+    }
+  }
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) {
     const int r = g + 8 * h;
@@ -273,10 +381,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   }
   __syncthreads();
   if (writer) {
-    float s = 0.f;
+    float s = 0.f, st = 0.f, sq = 0.f;
 #pragma unroll
-    for (int i = 0; i < kGemvWarps; ++i) s += part[i][m_out][r_out];
-    y[int64_t(m_out) * N + n0 + r_out] = from_float<T>(activate(s + bias_v, act));
+    for (int i = 0; i < kGemvWarps; ++i) {
+      s += part[i][m_out][r_out];
+      if constexpr (kEpi == kEpiFolded) {
+        st += stat[i][m_out][0];
+        sq += stat[i][m_out][1];
+      }
+    }
+    const float sh = kEpi == kEpiFolded ? to_float(x[int64_t(m_out) * K]) : 0.f;
+    const int64_t o = int64_t(m_out) * N + n0 + r_out;
+    y[o] = epilogue<T, kEpi>(s, bias_v, colsum_v, st, sq, sh, K, act, epi, o);
   }
 #endif
 }
@@ -288,53 +404,56 @@ bool prefetch_weights(int N, int K) {
 }
 
 // rows (<= M, the capacity: 8, 16 or 32) of x through the tensor-core kernel, without a LayerNorm.
-template <typename T, int M>
-void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, cudaStream_t stream) {
+template <typename T, int M, int kEpi>
+void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, const GemvEpi<T>& epi,
+                cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
   const bool prefetch = prefetch_weights<T>(N, K);
   if (K > kMmaChunk * kGemvWarps)
-    launch(gemv_mma_kernel<T, M, false, 4>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
-           prefetch, AddLn<T>{});
+    launch(gemv_mma_kernel<T, M, false, 4, kEpi>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
+           prefetch, AddLn<T>{}, epi);
   else
-    launch(gemv_mma_kernel<T, M, false, 1>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
-           prefetch, AddLn<T>{});
+    launch(gemv_mma_kernel<T, M, false, 1, kEpi>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
+           prefetch, AddLn<T>{}, epi);
 }
 
-template <typename T, int M>
+template <typename T, int M, int kEpi>
 void launch_rows(const T* x, const T* w, const T* bias, T* y, int N, int K, int act, const AddLn<T>* ln,
-                 cudaStream_t stream) {
+                 const GemvEpi<T>& epi, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
   const bool prefetch = prefetch_weights<T>(N, K);
+  constexpr int kPre = 32 / Vec<T>::N;
   if constexpr (sizeof(T) == 2 && M >= kMmaMinRows) {
     const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
     if (ln)
       launch(gemv_mma_kernel<T, M, true, 1>, blocks, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w,
-             bias, y, M, N, K, act, prefetch, *ln);
+             bias, y, M, N, K, act, prefetch, *ln, epi);
     else
-      launch_mma<T, 8>(x, w, bias, y, M, N, K, act, stream);
+      launch_mma<T, 8, kEpi>(x, w, bias, y, M, N, K, act, epi, stream);
     return;
   }
   if constexpr (M == 1 && sizeof(T) == 2) {
     if (!ln && K > 1024 && K <= 32 * kPreAllVecs * Vec<T>::N && K * sizeof(T) <= size_t(kLnMaxSmem)) {
-      launch(gemv_kernel<T, 1, false, true, kPreAllVecs>, grid, kGemvWarps * 32, size_t(K) * sizeof(T), stream, x, w,
-             bias, y, N, K, act, false, AddLn<T>{});
+      launch(gemv_kernel<T, 1, false, true, kPreAllVecs, kEpi>, grid, kGemvWarps * 32, size_t(K) * sizeof(T), stream,
+             x, w, bias, y, N, K, act, false, AddLn<T>{}, epi);
       return;
     }
   }
   if (ln)
     launch(gemv_kernel<T, M, true>, grid, kGemvWarps * 32, size_t(M + 2) * K * sizeof(T), stream, x, w, bias, y, N,
-           K, act, prefetch, *ln);
+           K, act, prefetch, *ln, epi);
   else if (M <= kStageMaxRows && size_t(M) * K * sizeof(T) <= size_t(kLnMaxSmem))
-    launch(gemv_kernel<T, M, false, true>, grid, kGemvWarps * 32, size_t(M) * K * sizeof(T), stream, x, w, bias,
-           y, N, K, act, prefetch, AddLn<T>{});
+    launch(gemv_kernel<T, M, false, true, kPre, kEpi>, grid, kGemvWarps * 32, size_t(M) * K * sizeof(T), stream, x,
+           w, bias, y, N, K, act, prefetch, AddLn<T>{}, epi);
   else
-    launch(gemv_kernel<T, M, false>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act, prefetch,
-           AddLn<T>{});
+    launch(gemv_kernel<T, M, false, false, kPre, kEpi>, grid, kGemvWarps * 32, 0, stream, x, w, bias, y, N, K, act,
+           prefetch, AddLn<T>{}, epi);
 }
 
-template <typename T>
+// kEpi other than kEpiPlain: ln is null (the entries below)
+template <typename T, int kEpi = kEpiPlain>
 int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, int K, int act, const AddLn<T>* ln,
-                cudaStream_t stream) {
+                cudaStream_t stream, const GemvEpi<T>& epi = GemvEpi<T>{}) {
   if (K % Vec<T>::N) return MOETRT_ERR_BAD_SHAPE;
   if (ln && (rows > 8 || K > kLnThreads * kLnMaxVecs * Vec<T>::N ||
              size_t(rows + 2) * K * sizeof(T) > size_t(kLnMaxSmem)))
@@ -343,20 +462,20 @@ int launch_gemv(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
     if constexpr (sizeof(T) != 2) {
       return MOETRT_ERR_BAD_SHAPE;
     } else {
-      if (rows <= 16) launch_mma<T, 16>(x, w, bias, y, rows, N, K, act, stream);
-      else launch_mma<T, 32>(x, w, bias, y, rows, N, K, act, stream);
+      if (rows <= 16) launch_mma<T, 16, kEpi>(x, w, bias, y, rows, N, K, act, epi, stream);
+      else launch_mma<T, 32, kEpi>(x, w, bias, y, rows, N, K, act, epi, stream);
       return launch_status();
     }
   }
   switch (rows) {
-    case 1: launch_rows<T, 1>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 2: launch_rows<T, 2>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 3: launch_rows<T, 3>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 4: launch_rows<T, 4>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 5: launch_rows<T, 5>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 6: launch_rows<T, 6>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 7: launch_rows<T, 7>(x, w, bias, y, N, K, act, ln, stream); break;
-    case 8: launch_rows<T, 8>(x, w, bias, y, N, K, act, ln, stream); break;
+    case 1: launch_rows<T, 1, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 2: launch_rows<T, 2, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 3: launch_rows<T, 3, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 4: launch_rows<T, 4, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 5: launch_rows<T, 5, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 6: launch_rows<T, 6, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 7: launch_rows<T, 7, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
+    case 8: launch_rows<T, 8, kEpi>(x, w, bias, y, N, K, act, ln, epi, stream); break;
     default: return MOETRT_ERR_BAD_SHAPE;
   }
   return launch_status();
@@ -391,5 +510,31 @@ MOETRT_API int moetrt_add_layernorm_gemv(const void* x, const void* delta, const
                       static_cast<const T*>(beta), static_cast<T*>(sum_out), epsilon};
     return launch_gemv<T>(nullptr, static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y),
                           static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k), activation, &ln, stream);
+  })
+}
+
+MOETRT_API int moetrt_gemv_residual(const void* x, const void* weight, const void* bias, const void* residual, void* y,
+                                    int64_t rows, int64_t n, int64_t k, int activation, int dtype,
+                                    cudaStream_t stream) {
+  if (bad_gemv_args(rows, n, k, activation) || !residual) return MOETRT_ERR_BAD_SHAPE;
+  if (rows == 0) return 0;
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    const GemvEpi<T> epi{nullptr, nullptr, static_cast<const T*>(residual), 0.f};
+    return launch_gemv<T, kEpiResidual>(static_cast<const T*>(x), static_cast<const T*>(weight),
+                                        static_cast<const T*>(bias), static_cast<T*>(y), static_cast<int>(rows),
+                                        static_cast<int>(n), static_cast<int>(k), activation, nullptr, stream, epi);
+  })
+}
+
+MOETRT_API int moetrt_gemv_folded(const void* x, const void* weight, const float* colsum, const float* bias, void* y,
+                                  int64_t rows, int64_t n, int64_t k, float epsilon, int activation, int dtype,
+                                  cudaStream_t stream) {
+  if (bad_gemv_args(rows, n, k, activation) || !colsum || !bias) return MOETRT_ERR_BAD_SHAPE;
+  if (rows == 0) return 0;
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    const GemvEpi<T> epi{colsum, bias, nullptr, epsilon};
+    return launch_gemv<T, kEpiFolded>(static_cast<const T*>(x), static_cast<const T*>(weight), nullptr,
+                                      static_cast<T*>(y), static_cast<int>(rows), static_cast<int>(n),
+                                      static_cast<int>(k), activation, nullptr, stream, epi);
   })
 }

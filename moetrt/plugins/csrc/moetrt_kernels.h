@@ -110,3 +110,17 @@ MOETRT_API int moetrt_add_layernorm_gemv(const void* x, const void* delta, const
                                          void* sum_out, const void* weight, const void* bias, void* y, int64_t rows,
                                          int64_t n, int64_t k, float epsilon, int activation, int dtype,
                                          cudaStream_t stream);
+
+// moetrt_gemv with the residual added after the bias and activation: y = residual + T(act(x @ weight^T + bias)),
+// the residual stream that add_layernorm would form (the same bits). residual [rows, n], not overlapping y unless
+// equal to it.
+MOETRT_API int moetrt_gemv_residual(const void* x, const void* weight, const void* bias, const void* residual, void* y,
+                                    int64_t rows, int64_t n, int64_t k, int activation, int dtype,
+                                    cudaStream_t stream);
+
+// A GEMV after a LayerNorm, on the un-normalised rows x with the LayerNorm's affine folded into weight' = weight
+// diag(gamma), colsum = weight' 1 (fp32) and bias' = bias + weight beta (fp32):
+// y = act(r * (x @ weight'^T - mu * colsum) + bias'), mu and r = 1 / sqrt(var + epsilon) per row of x.
+MOETRT_API int moetrt_gemv_folded(const void* x, const void* weight, const float* colsum, const float* bias, void* y,
+                                  int64_t rows, int64_t n, int64_t k, float epsilon, int activation, int dtype,
+                                  cudaStream_t stream);
