@@ -72,6 +72,10 @@ class CudaEngine:
     # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/performance.md)
     fuse_layernorm_max_rows = 2
     fuse_layernorm_moe = True  # the LayerNorm before a MoE inside its gate kernel (one token; see plan)
+    # No LayerNorm kernel between two decode GEMVs (or a MoE and a GEMV): the one before adds the residual itself
+    # (gemv_residual; the MoE's residual input), the one after runs on the un-normalised sum with the LayerNorm's
+    # gamma / beta folded into a copy of its weights (gemv_folded). Single-rank graphs, fp16 / fp32; see plan.
+    fold_layernorm = True
     # a cuBLASLt GEMM followed by bias + tanh GeLU takes both as its GELU_BIAS epilogue (H100, 350M batch-32 FC1:
     # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/performance.md)
     gelu_epilogue = True
@@ -127,6 +131,7 @@ class CudaEngine:
         self.vocab, self.hidden = self.head.attrs["N"], self.head.attrs["K"]
 
         self._upload_weights(progress)
+        self._upload_folds()
         # KV cache, one buffer per layer, zeroed; bound in place
         self.caches: dict[str, cuda.View] = {}
         for op in p.ops:
@@ -220,6 +225,71 @@ class CudaEngine:
                       flush=True)
                 next_report += 1 << 30
 
+    def _fold_triples(self) -> list[tuple[int, int, int]]:
+        """(producer, LayerNorm, consumer) op indices where the LayerNorm can vanish from decode plans: an
+        add_layernorm whose delta only it reads, made by a GEMM or MoE (no all-reduce between: single rank) after
+        the residual x exists, and whose normalised output only a GEMM (not the LM head) reads."""
+        ops = self.program.ops
+        if not self.fold_layernorm or self.dtype not in ("fp16", "fp32"):
+            return []
+        readers: dict[str, list[int]] = {}
+        writer: dict[str, int] = {}
+        for k, op in enumerate(ops):
+            if op.kind in ("alias", "select"):
+                continue
+            for t in op.inputs:
+                if t:
+                    readers.setdefault(self.resolve(t), []).append(k)
+            for t in op.outputs:
+                writer.setdefault(self.resolve(t), k)
+        triples = []
+        for i, j in self._layernorm_pairs().items():
+            ln = ops[i]
+            if ln.kind != "add_layernorm" or ops[j].kind != "gemm" or not ops[j].attrs["trans"]:
+                continue
+            x, delta = ln.inputs[0], ln.inputs[1]
+            if not delta or len(ln.outputs) < 2:
+                continue
+            d = self.resolve(delta)
+            p = writer.get(d)
+            if p is None or readers.get(d) != [i] or ops[p].kind not in ("gemm", "moe"):
+                continue
+            if ops[p].kind == "gemm" and not ops[p].attrs["trans"]:
+                continue
+            if writer.get(self.resolve(x), -1) >= p:  # the residual must exist when the producer runs
+                continue
+            triples.append((p, i, j))
+        return triples
+
+    def _upload_folds(self) -> None:
+        """Each fold's consumer weights with the LayerNorm's affine folded in (launch.fold_layernorm), on the
+        device: {consumer op index: (weight', colsum, bias', epsilon)}."""
+        p = self.program
+        self.folds: dict[int, tuple] = {}
+        self.fold_triples = self._fold_triples()
+        if not self.fold_triples:
+            return
+        target = {"fp16": np.float16, "fp32": np.float32}[self.dtype]
+        prepared, total = [], 0
+        for _, i, j in self.fold_triples:
+            gamma, beta = (np.asarray(p.initializers[n].array(p.base_dir), np.float64) for n in p.ops[i].inputs[2:4])
+            _, wname, bname = p.ops[j].inputs
+            w = np.asarray(p.initializers[wname].array(p.base_dir)).astype(target)
+            b = np.asarray(p.initializers[bname].array(p.base_dir), np.float64) if bname else None
+            folded, colsum, bias = launch.fold_layernorm(gamma, beta, w, b)
+            prepared.append((j, np.ascontiguousarray(folded), colsum, bias, p.ops[i].attrs["epsilon"]))
+            total += _aligned(folded.nbytes) + 2 * _aligned(colsum.nbytes)
+        buf = self._alloc(total, f"LayerNorm-folded weights ({total / 2**20:.0f} MiB)")
+        rt, off = cuda.runtime_api(), 0
+        for j, *arrays, eps in prepared:
+            views = []
+            for a in arrays:
+                cuda.call(rt.cudaMemcpy, buf.ptr + off, a.ctypes.data, a.nbytes,
+                          rt.cudaMemcpyKind.cudaMemcpyHostToDevice, what="copying folded weights to the device")
+                views.append(buf.view(a.shape, self.dtype if a.dtype == target else "fp32", off))
+                off += _aligned(a.nbytes)
+            self.folds[j] = (*views, eps)
+
     # -- shapes and buffer planning -----------------------------------------------------------------------
     def propagate(self, B: int, T: int) -> tuple[dict, dict]:
         return propagate(self.program, self.cache_shapes, B, T)
@@ -251,6 +321,11 @@ class CudaEngine:
                 for t in ops[i].inputs[:2] if ops[i].kind == "add_layernorm" else ():
                     if t:
                         last_use[self.resolve(t)] = max(last_use.get(self.resolve(t), -1), j)
+        # a fold's producer writes the LayerNorm's sum: its buffer is taken there (and kept by prefill plans, which
+        # launch the LayerNorm as before)
+        early: dict[int, list[str]] = {}
+        for pr, i, _ in self.fold_triples:
+            early.setdefault(pr, []).append(ops[i].outputs[0])
         dies_at: dict[int, set] = {}
         for t, i in last_use.items():
             dies_at.setdefault(i, set()).add(t)
@@ -260,7 +335,7 @@ class CudaEngine:
         for i, op in enumerate(ops):
             if op.kind in ("alias", "select"):
                 continue
-            for out in op.outputs:
+            for out in list(op.outputs) + early.get(i, []):
                 root = self.resolve(out)
                 if root in fixed or root in self.assignment or root not in sizes:
                     continue
@@ -310,6 +385,16 @@ class CudaEngine:
         at 8 rows the tensor-core GEMV (fp16/bf16) 1.7-4.8 µs vs 3.6-5.9 µs."""
         return self.gemm_ctx.gemv.get(key, M <= 4 or (self.dtype != "fp32" and M <= 8))
 
+    def _gemv_choice(self, op, shapes: dict, gemv: bool | None) -> tuple[bool, bool, str]:
+        """For a GEMM op at these shapes: whether the GEMV kernel can run it, whether it does (``gemv`` forces
+        the choice), and the key of that choice in the tuning."""
+        x, _, bias = op.inputs
+        K, Nout, act = op.attrs["K"], op.attrs["N"], op.attrs.get("act")
+        M = int(np.prod(shapes[x][:-1]))
+        eligible = op.attrs["trans"] and M <= launch.gemv_max_rows(self.dtype) and K % 8 == 0
+        key = f"{M}x{Nout}x{K}:{self.dtype}:{'bias' if bias else 'none'}:{act or 'noact'}"
+        return eligible, eligible and (gemv if gemv is not None else self.use_gemv(key, M)), key
+
     def plan(self, B: int, T: int, rows: int | None = None, gemv: bool | None = None) -> StepPlan:
         """The launch plan of a step of B sequences × T new tokens; ``rows``: the number of logit rows to
         compute, read at run time from the staging ``rows`` array (indices into the B·T positions).
@@ -327,10 +412,23 @@ class CudaEngine:
         default_rows = None
         # a LayerNorm is fused into the GEMV after it up to fuse_layernorm_max_rows, into a MoE at any size (the
         # library normalises inside the gate kernel for one token and launches it separately beyond)
-        fusable = {i: j for i, j in self._layernorm_pairs().items()
-                   if (self.fuse_layernorm_moe if p.ops[j].kind == "moe" else N <= self.fuse_layernorm_max_rows)} \
+        # the folds this step takes: both GEMMs run by the GEMV kernel (a MoE producer always can)
+        fold_ln, fold_producer, fold_consumer = set(), {}, {}
+        for pr, i, j in self.fold_triples:
+            if self._gemv_choice(p.ops[j], shapes, gemv)[1] and \
+                    (p.ops[pr].kind == "moe" or self._gemv_choice(p.ops[pr], shapes, gemv)[1]):
+                fold_ln.add(i)
+                fold_producer[pr] = i
+                fold_consumer[j] = i
+        fusable = {i: j for i, j in self._layernorm_pairs().items() if i not in fold_ln and
+                   (self.fuse_layernorm_moe if p.ops[j].kind == "moe" else N <= self.fuse_layernorm_max_rows)} \
             if self.fuse_layernorm else {}
         pending = {}  # GEMM / MoE op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
+
+        def ln_views(i: int) -> tuple:  # a folded LayerNorm's residual input and sum output, [n, h]
+            x, _, _, _ = p.ops[i].inputs
+            n, h = int(np.prod(shapes[x][:-1])), shapes[x][-1]
+            return self._view(x, (n, h)), self._view(p.ops[i].outputs[0], (n, h))
 
         def layernorm(index: int, ln: tuple) -> None:  # launched now, or deferred into the GEMM it feeds
             if index in fusable:
@@ -385,6 +483,8 @@ class CudaEngine:
                 layernorm(index, ((emb, None, self._view(gamma, ()), self._view(beta, ()), None,
                                    self._view(outs[1], (N, h))), {"epsilon": op.attrs["epsilon"], "stream": s}))
             elif op.kind == "add_layernorm":
+                if index in fold_ln:  # its producer adds the residual, its consumer normalises
+                    continue
                 x, delta, gamma, beta = ins
                 h = shapes[x][-1]
                 n = int(np.prod(shapes[x][:-1]))
@@ -399,11 +499,20 @@ class CudaEngine:
                 act = op.attrs.get("act")
                 xv, yv = self._view(x, (M, K)), self._view(outs[0], (M, Nout))
                 bv = self._view(bias, ()) if bias else None
-                eligible = op.attrs["trans"] and M <= launch.gemv_max_rows(self.dtype) and K % 8 == 0
-                choice_key = f"{M}x{Nout}x{K}:{self.dtype}:{'bias' if bias else 'none'}:{act or 'noact'}"
+                eligible, use_gemv, choice_key = self._gemv_choice(op, shapes, gemv)
+                if index in fold_producer:  # y = the LayerNorm's sum
+                    resid, total = ln_views(fold_producer[index])
+                    launches.append(launch.gemv_residual(xv, self._view(w, ()), bv, resid, total, act or "none",
+                                                         stream=s, defer=True))
+                    continue
+                if index in fold_consumer:  # on the LayerNorm's sum, gamma and beta in the weights
+                    wf, colsum, bf, eps = self.folds[index]
+                    total = ln_views(fold_consumer[index])[1]
+                    launches.append(launch.gemv_folded(total.reshape(M, K), wf, colsum, bf, yv, act or "none",
+                                                       epsilon=eps, stream=s, defer=True))
+                    continue
                 gemv_call = launch.gemv(xv, self._view(w, ()), bv, yv, act or "none", stream=s, defer=True) \
                     if eligible else None
-                use_gemv = eligible and (gemv if gemv is not None else self.use_gemv(choice_key, M))
                 ln = pending.pop(index, None)
                 if ln is not None:
                     fused = None
@@ -449,11 +558,13 @@ class CudaEngine:
                 x, gate, w1, b1, w2, b2 = ins
                 n, h = int(np.prod(shapes[x][:-1])), shapes[x][-1]
                 a = op.attrs
+                out, resid = self._view(outs[0], (n, h)), None
+                if index in fold_producer:  # out = the next LayerNorm's sum
+                    resid, out = ln_views(fold_producer[index])
                 weights = (self._view(gate, ()), self._view(w1, ()), self._view(b1, ()), self._view(w2, ()),
-                           self._view(b2, ()), self._view(outs[0], (n, h)),
-                           self.moe_ws.view((self.moe_ws.nbytes,), "uint8"))
+                           self._view(b2, ()), out, self.moe_ws.view((self.moe_ws.nbytes,), "uint8"))
                 kw = dict(top_k=a["top_k"], activation=a["activation"], capacity_factor=a["capacity_factor"],
-                          min_capacity=a["min_capacity"], stream=s, defer=True)
+                          min_capacity=a["min_capacity"], residual=resid, stream=s, defer=True)
                 ln = pending.pop(index, None)
                 if ln is not None:
                     (lx, ld, lg, lb, lsum, lnormed), lkw = ln

@@ -286,6 +286,7 @@ def test_layernorm_fused_into_the_next_gemv_or_moe_changes_no_bit(tmp_path, monk
         feeds[f"kv_cache_{l}"] = (0.5 * rng.standard_normal((2, 4, 8, 64, 64))).astype(np.float16)
     prompts = [[5, 6, 7, 8], [9, 10]]
     results = {}
+    monkeypatch.setattr(CudaEngine, "fold_layernorm", False)  # test_layernorm_folded_between_gemvs
     for fuse in (True, False):
         monkeypatch.setattr(CudaEngine, "fuse_layernorm", fuse)
         with Runtime(engine, device="cuda") as rt:
@@ -303,6 +304,43 @@ def test_layernorm_fused_into_the_next_gemv_or_moe_changes_no_bit(tmp_path, monk
     for f, p in zip(fused[:2], plain[:2]):
         for name in p:
             assert np.array_equal(f[name], p[name]), name
+
+def test_layernorm_folded_between_gemvs(tmp_path, monkeypatch):
+    """With fold_layernorm, a decode step runs no LayerNorm between a GEMV-run GEMM or a MoE and the GEMV-run GEMM
+    after it (out-projection -> dense FC1, dense FC2 -> next QKV, MoE -> next QKV): the first adds the residual
+    (gemv_residual; the MoE's residual input), the second runs on the sum with gamma / beta in its weights
+    (gemv_folded). Three layers, the middle one a MoE, hidden 1024 (the out-projections' weights are [out, in]
+    from 1 MiB): four folds; the LayerNorms of the embedding, before the MoE and before the LM head remain. Its
+    logits match the unfolded plan's to fp16 rounding (the normalised rows are never rounded; the folded weights
+    are, once); prefill plans are unchanged."""
+    from moetrt.engines.cuda_backend import CudaEngine
+    from moetrt.models.checkpoints import init_checkpoint
+    from moetrt.models.config import ModelConfig
+    config = ModelConfig(vocab_size=1024, hidden_size=1024, num_layers=3, num_heads=16, ffn_hidden_size=4096,
+                         max_position_embeddings=128, num_experts=4, moe_layers=(1,), top_k=1)
+    ckpt = init_checkpoint(tmp_path / "c", config, "moetrt", torch.float32, seed=7)
+    engine = compile(ckpt, tmp_path / "e", dtype="fp16", max_batch=4, max_seq=64)
+    results = {}
+    for fold in (True, False):
+        monkeypatch.setattr(CudaEngine, "fold_layernorm", fold)
+        with Runtime(engine, device="cuda") as rt:
+            for B in (1, 3):
+                whats = [getattr(fn, "what", "") for fn in rt.engine.plan(B, 1, gemv=True).launches]
+                assert whats.count("gemv_folded") == (4 if fold else 0), whats
+                assert whats.count("gemv_residual") == (3 if fold else 0), whats
+                # left: the embedding's, the one before the MoE and the final LayerNorm (fused or not)
+                assert sum(w.startswith("add_layernorm") for w in whats) == (3 if fold else 7), whats
+            prefill = [getattr(fn, "what", "") for fn in rt.engine.plan(2, 16).launches]
+            assert "gemv_folded" not in prefill
+            feeds = {"input_ids": np.array([[3], [9], [27]], np.int32), "past_lengths": np.array([5, 0, 40], np.int32)}
+            feeds["position_ids"] = feeds["past_lengths"][:, None].astype(np.int32)
+            for l in range(config.num_layers):
+                feeds[f"kv_cache_{l}"] = (0.5 * np.random.default_rng(9 + l).standard_normal((2, 4, 16, 64, 64))
+                                          ).astype(np.float16)
+            results[fold] = rt.run(feeds)["logits"].astype(np.float64)
+    diff = np.abs(results[True] - results[False]).max() / np.abs(results[False]).max()
+    assert diff < 1e-2, diff
+
 
 def test_validate_with_the_gpu_runner(engine16):
     from moetrt.compiler.validate import validate
