@@ -2,8 +2,9 @@
 # On the GPU machine: the 350M-64E preset end to end (synthetic checkpoint, compile, bench against PyTorch and
 # the floor). Logs and results under $OUT. With AB=1, instead of profile and bench: tools/engine_ab.py on the
 # engine, the default library (.devbuild/libmoetrt_kernels.so) against every other .devbuild/*.so (variant
-# builds), BATCHES and ROUNDS (default 2) as given; TESTK=EXPR then runs the kernel tests matching EXPR on each
-# variant. LAYERS=N: the preset's first N layers only (a quicker checkpoint and compile for A/Bs; its figures are
+# builds), BATCHES and ROUNDS (default 2) as given, and the engine_ab.py setting in AB_SETTING if set (say
+# "PY:from moetrt.engines.cuda_backend import CudaEngine as C; C.fold_layernorm = False"); TESTK=EXPR then runs the
+# kernel tests matching EXPR on each variant. LAYERS=N: the preset's first N layers only (a quicker checkpoint and compile for A/Bs; its figures are
 # not the 350M model's).
 source "$(dirname "$0")/device_env.sh"
 CK=/tmp/ck350${LAYERS:+_$LAYERS} ENG=/tmp/e350${LAYERS:+_$LAYERS}
@@ -12,6 +13,7 @@ CK=/tmp/ck350${LAYERS:+_$LAYERS} ENG=/tmp/e350${LAYERS:+_$LAYERS}
 if [ "${AB:-0}" = 1 ]; then
   settings=("-")
   for f in .devbuild/*.so; do [ "${f##*/}" = libmoetrt_kernels.so ] || settings+=("MOETRT_KERNELS_LIB=$PWD/$f"); done
+  [ -n "${AB_SETTING:-}" ] && settings+=("$AB_SETTING")
   python3 tools/engine_ab.py $ENG --batch ${BATCHES:-1,8,32} --rounds ${ROUNDS:-2} "${settings[@]}" 2>&1 | tee "$OUT/ab.log"
   if [ -n "${TESTK:-}" ]; then  # the kernel tests matching TESTK on every variant, so that no winner lands untested
     for f in .devbuild/*.so; do
