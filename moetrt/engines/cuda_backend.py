@@ -410,9 +410,7 @@ class CudaEngine:
         launches, gemms, candidates = [], [], []
         N = B * T
         default_rows = None
-        # a LayerNorm is fused into the GEMV after it up to fuse_layernorm_max_rows, into a MoE at any size (the
-        # library normalises inside the gate kernel for one token and launches it separately beyond)
-        # the folds this step takes: both GEMMs run by the GEMV kernel (a MoE producer always can)
+        # the LayerNorm folds this step takes: both GEMMs run by the GEMV kernel (a MoE producer always can)
         fold_ln, fold_producer, fold_consumer = set(), {}, {}
         for pr, i, j in self.fold_triples:
             if self._gemv_choice(p.ops[j], shapes, gemv)[1] and \
@@ -420,6 +418,8 @@ class CudaEngine:
                 fold_ln.add(i)
                 fold_producer[pr] = i
                 fold_consumer[j] = i
+        # a LayerNorm is fused into the GEMV after it up to fuse_layernorm_max_rows, into a MoE at any size (the
+        # library normalises inside the gate kernel for one token and launches it separately beyond)
         fusable = {i: j for i, j in self._layernorm_pairs().items() if i not in fold_ln and
                    (self.fuse_layernorm_moe if p.ops[j].kind == "moe" else N <= self.fuse_layernorm_max_rows)} \
             if self.fuse_layernorm else {}
