@@ -217,8 +217,9 @@ def run(engine_dir: str | Path, batches=(1, 8, 32), input_len: int = 128, output
     rt = Runtime(engine_dir, device="cuda", progress=True) if tp == 1 else Runtime(engine_dir, device="cuda")
     if tp == 1:
         progress(f"moetrt runtime loaded in {time.perf_counter() - t0:.1f} s "
-                 f"({rt.engine.weight_bytes / 2**30:.2f} GiB weights, {rt.engine.activation_bytes / 2**20:.0f} MiB "
-                 f"activations, {sum(c.nbytes for c in rt.engine.caches.values()) / 2**20:.0f} MiB KV cache)")
+                 f"({rt.engine.weight_bytes / 2**30:.2f} GiB weights, {rt.engine.folded_bytes / 2**20:.0f} MiB "
+                 f"LayerNorm-folded weight copies, {rt.engine.activation_bytes / 2**20:.0f} MiB activations, "
+                 f"{sum(c.nbytes for c in rt.engine.caches.values()) / 2**20:.0f} MiB KV cache)")
         held = free0 - mem_get_info()[0]
     else:  # the ranks are other processes on other GPUs: this process cannot see their memory
         progress(f"moetrt runtime: {tp} ranks loaded in {time.perf_counter() - t0:.1f} s")

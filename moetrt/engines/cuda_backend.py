@@ -266,6 +266,7 @@ class CudaEngine:
         device: {consumer op index: (weight', colsum, bias', epsilon)}."""
         p = self.program
         self.folds: dict[int, tuple] = {}
+        self.folded_bytes = 0
         self.fold_triples = self._fold_triples()
         if not self.fold_triples:
             return
@@ -280,6 +281,7 @@ class CudaEngine:
             prepared.append((j, np.ascontiguousarray(folded), colsum, bias, p.ops[i].attrs["epsilon"]))
             total += _aligned(folded.nbytes) + 2 * _aligned(colsum.nbytes)
         buf = self._alloc(total, f"LayerNorm-folded weights ({total / 2**20:.0f} MiB)")
+        self.folded_bytes = total
         rt, off = cuda.runtime_api(), 0
         for j, *arrays, eps in prepared:
             views = []
