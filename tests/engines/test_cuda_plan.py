@@ -1,0 +1,113 @@
+"""The CUDA backend's launch plans, built on the CPU: the device calls (allocation, copies, streams, cuBLASLt) are
+replaced by a fake that hands out addresses and launches nothing, so that the planning logic (which kernels a step
+runs, and which buffers they read and write) is checked without a GPU. The kernels themselves are tested on the GPU
+(tests/plugins/test_kernels.py, test_cuda_runtime.py)."""
+
+import types
+
+import pytest
+import torch
+
+from moetrt.compiler.pipeline import compile
+from moetrt.engines import cuda, cuda_backend
+from moetrt.engines.program import analyze
+
+
+class _Buffer:
+    next_ptr = 1 << 32
+
+    def __init__(self, nbytes, what="buffer"):
+        self.nbytes, self.what = max(int(nbytes), 1), what
+        self.ptr = _Buffer.next_ptr
+        _Buffer.next_ptr += (self.nbytes + 4095) // 4096 * 4096 + 4096
+
+    def view(self, shape, dtype, offset=0):
+        v = cuda.View(self.ptr + offset, tuple(int(s) for s in shape), dtype)
+        assert offset + v.nbytes <= self.nbytes, (self.what, offset, v.nbytes)
+        return v
+
+    def free(self):
+        pass
+
+
+class _Stream:
+    ptr, handle = 0, None
+
+    def memset(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def destroy(self):
+        pass
+
+
+class _Gemm:  # a cuBLASLt GEMM's place in the plan
+    def __init__(self, *args, **kwargs):
+        self.launch = types.SimpleNamespace(what="cublaslt")
+
+    def destroy(self):
+        pass
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    runtime = types.SimpleNamespace(cudaMemcpy=lambda *a: None,
+                                    cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1))
+    monkeypatch.setattr(cuda, "DeviceBuffer", _Buffer)
+    monkeypatch.setattr(cuda, "Stream", _Stream)
+    monkeypatch.setattr(cuda, "device_info", lambda: types.SimpleNamespace(arch=90, name="a fake sm_90 GPU"))
+    monkeypatch.setattr(cuda, "runtime_api", lambda: runtime)
+    monkeypatch.setattr(cuda, "call", lambda *a, **k: 0)
+    monkeypatch.setattr(cuda_backend, "check_arch", lambda *a: None)
+    monkeypatch.setattr(cuda_backend, "GemmContext", lambda *a: types.SimpleNamespace(gemv={}, destroy=lambda: None))
+    monkeypatch.setattr(cuda_backend, "Gemm", _Gemm)
+
+
+@pytest.fixture(scope="module")
+def three_layer_program(tmp_path_factory):
+    """Dense, MoE, dense; hidden 1024, so that every decode GEMM but the LM head is [out, in] (GEMV-eligible)."""
+    from moetrt.models.checkpoints import init_checkpoint
+    from moetrt.models.config import ModelConfig
+    config = ModelConfig(vocab_size=1024, hidden_size=1024, num_layers=3, num_heads=16, ffn_hidden_size=4096,
+                         max_position_embeddings=128, num_experts=4, moe_layers=(1,), top_k=1)
+    tmp = tmp_path_factory.mktemp("plan")
+    ckpt = init_checkpoint(tmp / "c", config, "moetrt", torch.float32, seed=7)
+    return analyze(compile(ckpt, tmp / "e", dtype="fp16", max_batch=4, max_seq=64) / "rank0" / "model.onnx")
+
+
+def _whats(plan):
+    return [getattr(fn, "what", "") for fn in plan.launches]
+
+
+def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monkeypatch):
+    """Four LayerNorms fold (out-projection -> FC1 and FC2 -> next QKV in both dense layers' reach, and MoE -> next
+    QKV): the producer's output is the consumer's input, written into neither of the producer's inputs; prefill
+    plans and fold_layernorm = False keep every LayerNorm."""
+    p = three_layer_program
+    engine = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
+    kinds = [(p.ops[a].kind, p.ops[b].kind, p.ops[c].kind) for a, b, c in engine.fold_triples]
+    assert kinds == [("gemm", "add_layernorm", "gemm")] * 2 + [("moe", "add_layernorm", "gemm"),
+                                                                ("gemm", "add_layernorm", "gemm")]
+    for B in (1, 3):
+        launches = engine.plan(B, 1, gemv=True).launches
+        whats = [getattr(fn, "what", "") for fn in launches]
+        assert whats.count("gemv_residual") == 3 and whats.count("gemv_folded") == 4, whats
+        assert sum(w.startswith("add_layernorm") for w in whats) == 3, whats  # embedding's, MoE's, final
+        for k, fn in enumerate(launches):
+            if fn.what not in ("gemv_residual", "moe", "add_layernorm_moe"):
+                continue
+            consumer = next(g for g in launches[k + 1:] if getattr(g, "what", "") == "gemv_folded")
+            if fn.what == "gemv_residual":
+                x, _, _, residual, y = fn.args[:5]
+                assert y == consumer.args[0] and y not in (x, residual)
+            else:  # moetrt_moe's residual and out (arguments 6, 7; 12, 13 with the LayerNorm's 6 and epsilon)
+                residual, out = fn.args[12:14] if fn.what == "add_layernorm_moe" else fn.args[6:8]
+                assert out == consumer.args[0] and residual not in (None, out)
+    assert "gemv_folded" not in _whats(engine.plan(2, 16))
+    engine.close()
+    monkeypatch.setattr(cuda_backend.CudaEngine, "fold_layernorm", False)
+    plain = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
+    assert plain.fold_triples == [] and sum(w.startswith("add_layernorm") for w in _whats(plain.plan(3, 1))) == 7
+    plain.close()
