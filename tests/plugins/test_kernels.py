@@ -170,9 +170,9 @@ def fold_on_device(gamma, beta, w, b, dt):
     (16, 3072, 1024, "none", 1.0), (25, 4096, 1024, "gelu_tanh", 0.0), (32, 1024, 4096, "none", 4.0)])
 def test_gemv_folded(dtype, rows, n, k, activation, mean):
     """The GEMV after a LayerNorm on the un-normalised rows, the affine folded into the weights: against float64
-    LayerNorm then GEMM. Rows offset by `mean` exercise the statistics' shift; one row of K 4096 runs the
-    whole-row kernel, 2-32 rows of fp16/bf16 the tensor-core one (K 1032: a partial last chunk), 5 and 8 rows of
-    fp32 the FMA one. Two roundings: the folded weights, then y."""
+    LayerNorm then GEMM. Rows offset by `mean` exercise the one-pass statistics' cancellation; one row of K 4096
+    runs the whole-row kernel, 2-32 rows of fp16/bf16 the tensor-core one (K 1032: a partial last chunk), 5 and 8
+    rows of fp32 the FMA one. Two roundings: the folded weights, then y."""
     dt = DTYPES[dtype]
     if rows > launch.gemv_max_rows(dtype):
         pytest.skip(f"{dtype} takes at most {launch.gemv_max_rows(dtype)} rows")

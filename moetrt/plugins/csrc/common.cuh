@@ -80,17 +80,30 @@ __device__ __forceinline__ void mma_gemv_load(Vec<T> (&wv)[kMmaVecs], const T* r
 }
 // acc += x rows (x0: A row g, x1: A row g + 8; nullptr: zeros) times the weights of chunk c. acc[0], acc[1]: A row g,
 // outputs 2t and 2t + 1 of the 8; acc[2], acc[3]: A row g + 8.
-template <typename T>
+// visit(j, v) sees each vector of x loaded (j = 0: row x0, 1: x1), not the zeros; by default nothing.
+struct NoVisit {
+  template <typename V>
+  __device__ __forceinline__ void operator()(int, const V&) const {}
+};
+template <typename T, typename F = NoVisit>
 __device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&wv)[kMmaVecs], const T* x0,
-                                               const T* x1, int c, int K, int t) {
+                                               const T* x1, int c, int K, int t, const F& visit = F{}) {
 #pragma unroll
   for (int u = 0; u < kMmaVecs; ++u) {
     const int k = c * kMmaChunk + (t + 4 * u) * 8;
     Vec<T> a, b;
-    if (x0 && k < K) a.load(x0 + k);
-    else a.raw = make_uint4(0, 0, 0, 0);
-    if (x1 && k < K) b.load(x1 + k);
-    else b.raw = make_uint4(0, 0, 0, 0);
+    if (x0 && k < K) {
+      a.load(x0 + k);
+      visit(0, a);
+    } else {
+      a.raw = make_uint4(0, 0, 0, 0);
+    }
+    if (x1 && k < K) {
+      b.load(x1 + k);
+      visit(1, b);
+    } else {
+      b.raw = make_uint4(0, 0, 0, 0);
+    }
     const uint32_t f0[4] = {a.raw.x, b.raw.x, a.raw.y, b.raw.y}, f1[4] = {a.raw.z, b.raw.z, a.raw.w, b.raw.w};
     mma_16816<T>(acc, f0, wv[u].raw.x, wv[u].raw.y);
     mma_16816<T>(acc, f1, wv[u].raw.z, wv[u].raw.w);
@@ -99,20 +112,23 @@ __device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&w
 
 // A warp's share of a tensor-core GEMV: chunks c0, c0 + stride, ... below `chunks` of weight row `row`. The first
 // kPre are loaded into `pre` by mma_gemv_preload (before the wait), the rest by mma_gemv_accumulate as it goes;
-// MT MMAs a weight fragment, MMA i taking A rows xr[2i] and xr[2i + 1] (nullptr: zeros) into acc[i].
+// MT MMAs a weight fragment, MMA i taking A rows xr[2i] and xr[2i + 1] (nullptr: zeros) into acc[i]; visit(h, v)
+// sees each vector loaded from row xr[h].
 template <typename T, int kPre>
 __device__ __forceinline__ void mma_gemv_preload(Vec<T> (&pre)[kPre][kMmaVecs], const T* row, int c0, int stride,
                                                  int K, int t) {
 #pragma unroll
   for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i], row, c0 + i * stride, K, t);  // past K: zeros
 }
-template <typename T, int kPre, int MT>
+template <typename T, int kPre, int MT, typename F = NoVisit>
 __device__ __forceinline__ void mma_gemv_accumulate(float (&acc)[MT][4], const Vec<T> (&pre)[kPre][kMmaVecs],
                                                     const T* row, const T* const (&xr)[2 * MT], int c0, int stride,
-                                                    int chunks, int K, int t) {
+                                                    int chunks, int K, int t, const F& visit = F{}) {
   auto mma_all = [&](const Vec<T>(&wv)[kMmaVecs], int c) {
 #pragma unroll
-    for (int i = 0; i < MT; ++i) mma_gemv_chunk<T>(acc[i], wv, xr[2 * i], xr[2 * i + 1], c, K, t);
+    for (int i = 0; i < MT; ++i)
+      mma_gemv_chunk<T>(acc[i], wv, xr[2 * i], xr[2 * i + 1], c, K, t,
+                        [&](int j, const Vec<T>& v) { visit(2 * i + j, v); });
   };
 #pragma unroll
   for (int i = 0; i < kPre; ++i)
@@ -210,6 +226,22 @@ __device__ __forceinline__ void launch_dependents() {
 __device__ __forceinline__ void enter_after_predecessor() {
   dependency_wait();
   launch_dependents();
+}
+// *p, loaded where it stands: an asm statement the compiler keeps in order with the MMAs' (it would sink a plain
+// load to its use), for a value only an epilogue needs, so that its latency hides behind the products.
+template <typename T>
+__device__ __forceinline__ float load_now(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    unsigned short bits;
+    asm volatile("ld.global.u16 %0, [%1];\n" : "=h"(bits) : "l"(p));
+    T v;
+    memcpy(&v, &bits, 2);
+    return to_float(v);
+  } else {
+    float v;
+    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
+    return v;
+  }
 }
 // Pulls the 128-byte line holding p into L2 (for weights, before dependency_wait()).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }

@@ -14,7 +14,7 @@
 //  - kEpiFolded (the GEMV after it), on that residual stream s with the LayerNorm's affine folded into the weights
 //    (W' = W diag(gamma), colsum = W' 1, bias' = bias + W beta, on the host): y = act(r (s W'^T - mu colsum) +
 //    bias') with mu and r = 1 / sqrt(var + eps) of each row of s, which every block gathers from the rows it loads
-//    for its products anyway (one pass, shifted by the row's first element). No normalised rows exist: the bits
+//    for its products anyway (one pass, no extra reads). No normalised rows exist: the bits
 //    differ from LayerNorm then GEMV (float64 comparison in tests/plugins/test_kernels.py).
 #include "common.cuh"
 
@@ -160,19 +160,20 @@ __device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, in
 // H100, 8-layer 350M decode graph at batch 1: 0.2092-0.2101 ms against 0.2113-0.2117 (docs/performance.md).
 constexpr int kPreAllVecs = 16;
 
-// The output element o (row-major [rows, N]) from its dot product v: bias and activation, then kEpiResidual's add or
-// kEpiFolded's normalisation (st, sq: the row's sum and sum of squares of x - sh over its K elements).
+// An output element from its dot product v: bias and activation, then kEpiResidual's add of res (the residual's
+// element, read early) or kEpiFolded's normalisation (st, sq: the row's sum and sum of squares over its K elements;
+// one pass in fp32, exact enough unless a row's mean is hundreds of times its deviation).
 template <typename T, int kEpi>
-__device__ __forceinline__ T epilogue(float v, float bias, float colsum, float st, float sq, float sh, int K, int act,
-                                      const GemvEpi<T>& epi, int64_t o) {
+__device__ __forceinline__ T epilogue(float v, float bias, float colsum, float st, float sq, int K, int act,
+                                      float eps, float res) {
   if constexpr (kEpi == kEpiFolded) {
-    const float d = st / static_cast<float>(K);                         // mean - sh
-    const float var = fmaxf(sq / static_cast<float>(K) - d * d, 0.f);  // of x - sh, hence of x
-    const float r = rsqrtf(var + epi.eps);
-    return from_float<T>(activate(r * (v - (sh + d) * colsum) + bias, act));
+    const float mean = st / static_cast<float>(K);
+    const float var = fmaxf(sq / static_cast<float>(K) - mean * mean, 0.f);
+    const float r = rsqrtf(var + eps);
+    return from_float<T>(activate(r * (v - mean * colsum) + bias, act));
   } else if constexpr (kEpi == kEpiResidual) {
     const T delta = from_float<T>(activate(v + bias, act));  // rounded as the separate GEMV writes it
-    return from_float<T>(to_float(epi.residual[o]) + to_float(delta));
+    return from_float<T>(res + to_float(delta));
   } else {
     return from_float<T>(activate(v + bias, act));
   }
@@ -209,6 +210,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
   if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
+  // the residual stream's element is read now, not after the products (the kernels before this one are done)
+  const float res = kEpi == kEpiResidual && active && lane < M ? load_now(epi.residual + int64_t(lane) * N + n) : 0.f;
   if constexpr (kLn) {
     x = layernorm_rows<T, M>(ln, xs, K, scratch);
   } else if constexpr (kStage) {
@@ -219,11 +222,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     x = xs;
   }
   if (!active) return;
-  float acc[M], st[M], sq[M], sh[M];  // kEpiFolded: this lane's sum and sum of squares of x - sh, per row
+  float acc[M], st[M], sq[M];  // kEpiFolded: this lane's sum and sum of squares of x, per row
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     acc[m] = st[m] = sq[m] = 0.f;
-    sh[m] = kEpi == kEpiFolded ? to_float(x[int64_t(m) * K]) : 0.f;
   }
   auto fma_vec = [&](const Vec<T>& wv, int k) {  // the warp's lanes cover each row of x once
 #pragma unroll
@@ -234,9 +236,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
       for (int i = 0; i < VN; ++i) {
         acc[m] += to_float(wv.v[i]) * to_float(xv.v[i]);
         if constexpr (kEpi == kEpiFolded) {
-          const float d = to_float(xv.v[i]) - sh[m];
+          const float d = to_float(xv.v[i]);
           st[m] += d;
-          sq[m] += d * d;
+          sq[m] = fmaf(d, d, sq[m]);
         }
       }
     }
@@ -261,15 +263,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     }
   }
   if (lane < M) {
-    float v = 0.f, vs = 0.f, vq = 0.f, vh = 0.f;
+    float v = 0.f, vs = 0.f, vq = 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       v = lane == m ? acc[m] : v;
       vs = lane == m ? st[m] : vs;
       vq = lane == m ? sq[m] : vq;
-      vh = lane == m ? sh[m] : vh;
     }
-    y[int64_t(lane) * N + n] = epilogue<T, kEpi>(v, bias_n, colsum_n, vs, vq, vh, K, act, epi, int64_t(lane) * N + n);
+    y[int64_t(lane) * N + n] = epilogue<T, kEpi>(v, bias_n, colsum_n, vs, vq, K, act, epi.eps, res);
   }
 }
 
@@ -307,7 +308,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float scratch[kLn ? M * 32 : 1];
   __shared__ float part[kGemvWarps][M][8];
-  __shared__ float stat[kEpi == kEpiFolded ? kGemvWarps : 1][M][2];  // per warp and row: sum, squares of x - shift
+  __shared__ float stat[kEpi == kEpiFolded ? kGemvWarps : 1][M][2];  // per warp and row: sum, squares of x
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 8, chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow = n0 + g < N ? w + int64_t(n0 + g) * K : nullptr;
@@ -329,34 +330,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) xr[h] = (8 * h < M && g + 8 * h < R) ? x + int64_t(g + 8 * h) * K : nullptr;
-  mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t);
-  if constexpr (kEpi == kEpiFolded) {
-    // the row statistics: this lane's elements of its A rows are the ones it just loaded (L1), each element of a
-    // row once over the quad's lanes and the warps' chunks
-    float st[2 * MT], sq[2 * MT], sh[2 * MT];
+  // kEpiFolded: this lane's sum and sum of squares of x for its A rows, from the vectors the MMAs load (each
+  // element of a row once over the quad's lanes and the warps' chunks)
+  float st[2 * MT], sq[2 * MT];
 #pragma unroll
-    for (int h = 0; h < 2 * MT; ++h) {
-      st[h] = sq[h] = 0.f;
-      sh[h] = xr[h] ? to_float(xr[h][0]) : 0.f;
-    }
-    for (int c = warp; c < chunks; c += kGemvWarps) {
+  for (int h = 0; h < 2 * MT; ++h) st[h] = sq[h] = 0.f;
+  auto stats = [&](int h, const Vec<T>& a) {
+    if constexpr (kEpi == kEpiFolded) {
 #pragma unroll
-      for (int u = 0; u < kMmaVecs; ++u) {
-        const int k = c * kMmaChunk + (t + 4 * u) * 8;
-#pragma unroll
-        for (int h = 0; h < 2 * MT; ++h) {
-          if (!xr[h] || k >= K) continue;
-          Vec<T> a;
-          a.load(xr[h] + k);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float d = to_float(a.v[i]) - sh[h];
-            st[h] += d;
-            sq[h] += d * d;
-          }
-        }
+      for (int i = 0; i < 8; ++i) {
+        const float d = to_float(a.v[i]);
+        st[h] += d;
+        sq[h] = fmaf(d, d, sq[h]);
       }
     }
+  };
+  // the writer's residual element, read before the products
+  const float res = kEpi == kEpiResidual && writer ? load_now(epi.residual + int64_t(m_out) * N + n0 + r_out) : 0.f;
+  mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t, stats);
+  if constexpr (kEpi == kEpiFolded) {
 #pragma unroll
     for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
 #pragma unroll
@@ -381,18 +373,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   }
   __syncthreads();
   if (writer) {
-    float s = 0.f, st = 0.f, sq = 0.f;
+    float s = 0.f, vs = 0.f, vq = 0.f;
 #pragma unroll
     for (int i = 0; i < kGemvWarps; ++i) {
       s += part[i][m_out][r_out];
       if constexpr (kEpi == kEpiFolded) {
-        st += stat[i][m_out][0];
-        sq += stat[i][m_out][1];
+        vs += stat[i][m_out][0];
+        vq += stat[i][m_out][1];
       }
     }
-    const float sh = kEpi == kEpiFolded ? to_float(x[int64_t(m_out) * K]) : 0.f;
-    const int64_t o = int64_t(m_out) * N + n0 + r_out;
-    y[o] = epilogue<T, kEpi>(s, bias_v, colsum_v, st, sq, sh, K, act, epi, o);
+    y[int64_t(m_out) * N + n0 + r_out] = epilogue<T, kEpi>(s, bias_v, colsum_v, vs, vq, K, act, epi.eps, res);
   }
 #endif
 }
