@@ -136,7 +136,7 @@ class CudaEngine:
         self.vocab, self.hidden = self.head.attrs["N"], self.head.attrs["K"]
 
         self._upload_weights(progress)
-        self._upload_folds()
+        self.fold_triples = self._fold_triples()
         # KV cache, one buffer per layer, zeroed; bound in place
         self.caches: dict[str, cuda.View] = {}
         for op in p.ops:
@@ -173,6 +173,10 @@ class CudaEngine:
         self._plan_buffers()
         self.head_rows = self._alloc(_nbytes((self.max_rows, self.hidden), self.dtype), "gathered logit rows")
         self.logits_buf = self._alloc(_nbytes((self.max_rows, self.vocab), self.dtype), "logits")
+        # last, so that every other buffer lies where it would without them (H100, 350M batch-1 decode graph, which
+        # does not read them: 0.536 ms against 0.532 without folds when allocated before the KV cache, 0.533
+        # against 0.531 allocated last)
+        self._upload_folds()
         self.stream.synchronize()
 
     def resolve(self, name: str) -> str:
@@ -272,7 +276,6 @@ class CudaEngine:
         p = self.program
         self.folds: dict[int, tuple] = {}
         self.folded_bytes = 0
-        self.fold_triples = self._fold_triples()
         if not self.fold_triples:
             return
         target = {"fp16": np.float16, "fp32": np.float32}[self.dtype]
