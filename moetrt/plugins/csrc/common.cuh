@@ -227,22 +227,6 @@ __device__ __forceinline__ void enter_after_predecessor() {
   dependency_wait();
   launch_dependents();
 }
-// *p, loaded where it stands: an asm statement the compiler keeps in order with the MMAs' (it would sink a plain
-// load to its use), for a value only an epilogue needs, so that its latency hides behind the products.
-template <typename T>
-__device__ __forceinline__ float load_now(const T* p) {
-  if constexpr (sizeof(T) == 2) {
-    unsigned short bits;
-    asm volatile("ld.global.u16 %0, [%1];\n" : "=h"(bits) : "l"(p));
-    T v;
-    memcpy(&v, &bits, 2);
-    return to_float(v);
-  } else {
-    float v;
-    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
-    return v;
-  }
-}
 // Pulls the 128-byte line holding p into L2 (for weights, before dependency_wait()).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 // Every 128-byte line of [p, p + bytes), spread over `lanes` threads of which this is `lane`.

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
   if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
   enter_after_predecessor();
   // the residual stream's element is read now, not after the products (the kernels before this one are done)
-  const float res = kEpi == kEpiResidual && active && lane < M ? load_now(epi.residual + int64_t(lane) * N + n) : 0.f;
+  const float res = kEpi == kEpiResidual && active && lane < M ? to_float(epi.residual[int64_t(lane) * N + n]) : 0.f;
   if constexpr (kLn) {
     x = layernorm_rows<T, M>(ln, xs, K, scratch);
   } else if constexpr (kStage) {
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
     }
   };
   // the writer's residual element, read before the products
-  const float res = kEpi == kEpiResidual && writer ? load_now(epi.residual + int64_t(m_out) * N + n0 + r_out) : 0.f;
+  const float res = kEpi == kEpiResidual && writer ? to_float(epi.residual[int64_t(m_out) * N + n0 + r_out]) : 0.f;
   mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t, stats);
   if constexpr (kEpi == kEpiFolded) {
 #pragma unroll
