@@ -358,21 +358,8 @@ def gemv_max_rows(dtype: str) -> int:
 def gemv(x, weight, bias, y, activation: str = "none", stream: int = 0, defer: bool = False):
     """``y = act(x @ weight.T + bias)`` for ``x [M, K]`` with M <= 32 (8 in fp32), ``weight [N, K]``, ``bias [N]``
     or None."""
-    a, w, o = DeviceArray.of(x, "x"), DeviceArray.of(weight, "weight"), DeviceArray.of(y, "y")
-    if len(a.shape) != 2 or len(w.shape) != 2:
-        raise KernelError(f"gemv: expected x [M, K] and weight [N, K], got {a.shape}, {w.shape}")
-    (M, K), (N, _) = a.shape, w.shape
-    _expect(a, "x", (M, K), _float_dtypes())
-    if not 1 <= M <= gemv_max_rows(a.dtype):
-        raise KernelError(f"gemv: x has {M} rows; at most {gemv_max_rows(a.dtype)} in {a.dtype}")
-    _expect(w, "weight", (N, K), (a.dtype,))
-    _expect(o, "y", (M, N), (a.dtype,))
-    if K % (4 if a.dtype == "fp32" else 8):
-        raise KernelError(f"gemv: K = {K} must be a multiple of 16 bytes of {a.dtype}")
-    b = None
-    if bias is not None:
-        b = DeviceArray.of(bias, "bias")
-        _expect(b, "bias", (N,), (a.dtype,))
+    a, w, o, M, N, K = _gemv_io("gemv", x, weight, y)
+    b = _gemv_bias(bias, N, a.dtype)
     return _launch("moetrt_gemv", (a.ptr, w.ptr, b.ptr if b else None, o.ptr, M, N, K, _activation(activation),
                                    DTYPE_CODES[a.dtype], stream), "gemv", defer)
 
@@ -392,6 +379,14 @@ def _gemv_io(what: str, x, weight, y) -> tuple[DeviceArray, DeviceArray, DeviceA
     return a, w, o, M, N, K
 
 
+def _gemv_bias(bias, N: int, dtype: str) -> DeviceArray | None:
+    if bias is None:
+        return None
+    b = DeviceArray.of(bias, "bias")
+    _expect(b, "bias", (N,), (dtype,))
+    return b
+
+
 def gemv_residual(x, weight, bias, residual, y, activation: str = "none", stream: int = 0, defer: bool = False):
     """``gemv`` with the residual added last: ``y = residual + act(x @ weight.T + bias)``, the sum rounded as
     ``add_layernorm`` forms it from the separate GEMV's output (the same bits). ``y`` may be ``residual`` itself,
@@ -401,10 +396,7 @@ def gemv_residual(x, weight, bias, residual, y, activation: str = "none", stream
     _expect(r, "residual", (M, N), (a.dtype,))
     if _overlap(o, a) or (_overlap(o, r) and o.ptr != r.ptr):
         raise KernelError("gemv_residual: y overlaps x, or residual without being it")
-    b = None
-    if bias is not None:
-        b = DeviceArray.of(bias, "bias")
-        _expect(b, "bias", (N,), (a.dtype,))
+    b = _gemv_bias(bias, N, a.dtype)
     return _launch("moetrt_gemv_residual", (a.ptr, w.ptr, b.ptr if b else None, r.ptr, o.ptr, M, N, K,
                                             _activation(activation), DTYPE_CODES[a.dtype], stream), "gemv_residual",
                    defer)
