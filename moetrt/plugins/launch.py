@@ -62,7 +62,12 @@ def _launch(name: str, args: tuple, what: str, defer: bool):
 
 
 def _fn(name: str):
-    fn = getattr(load_library(), name)
+    lib = load_library()
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:  # a library built from older sources with the same ABI number
+        raise KernelError(f"{lib.path}: has no {name}; it was built from older sources than this moetrt; "
+                          "rebuild it with `pip install .`") from None
     fn.restype, fn.argtypes = ctypes.c_int, _SIGNATURES[name]
     return fn
 

@@ -11,8 +11,8 @@ from moetrt.plugins.kernels import check, load_library
 def test_kernel_library_is_built_and_matches_the_abi():
     lib = load_library()
     assert lib.moetrt_abi_version() == PLUGIN_ABI_VERSION
-    for symbol in ("moetrt_abi_version", "moetrt_error_string", "moetrt_embedding", "moetrt_add_layernorm",
-                   "moetrt_bias_act", "moetrt_attention", "moetrt_moe", "moetrt_moe_workspace_size"):
+    from moetrt.plugins.launch import _SIGNATURES
+    for symbol in ("moetrt_abi_version", "moetrt_error_string", *_SIGNATURES):  # every entry the launchers bind
         assert hasattr(lib, symbol), symbol
     # Ampere and Hopper machine code, not the compiler's default target (which lacks the tensor-core paths)
     assert {80, 90} <= set(lib.cuda_archs), lib.cuda_archs
@@ -51,3 +51,15 @@ def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
             kernels.load_library()
     finally:
         kernels.load_library.cache_clear()
+
+
+def test_a_library_without_an_entry_is_a_clear_error(monkeypatch, tmp_path):
+    """A library built from older sources (same ABI number, an entry point missing) names itself and the entry."""
+    from moetrt.plugins import launch
+
+    class Stale:
+        path = tmp_path / "libmoetrt_kernels.so"
+
+    monkeypatch.setattr(launch, "load_library", lambda: Stale())
+    with pytest.raises(KernelError, match=r"libmoetrt_kernels.so: has no moetrt_gemv_folded; .*pip install"):
+        launch._fn("moetrt_gemv_folded")
