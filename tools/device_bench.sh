@@ -4,8 +4,8 @@
 # engine, the default library (.devbuild/libmoetrt_kernels.so) against every other .devbuild/*.so (variant
 # builds), BATCHES and ROUNDS (default 2) as given, and the engine_ab.py setting in AB_SETTING if set (say
 # "PY:from moetrt.engines.cuda_backend import CudaEngine as C; C.fold_layernorm = False"); TESTK=EXPR then runs the
-# kernel tests matching EXPR on each variant. LAYERS=N: the preset's first N layers only (a quicker checkpoint and compile for A/Bs; its figures are
-# not the 350M model's).
+# kernel tests matching EXPR on each variant. LAYERS=N: the preset's first N layers only (a quicker checkpoint and
+# compile for A/Bs; its figures are not the 350M model's).
 source "$(dirname "$0")/device_env.sh"
 CK=/tmp/ck350${LAYERS:+_$LAYERS} ENG=/tmp/e350${LAYERS:+_$LAYERS}
 { [ -f $CK/config.json ] || /usr/bin/time -v python3 -m moetrt init-checkpoint $CK --preset gpt-moe-350m-64e --format moetrt --dtype fp16 --quiet ${LAYERS:+--layers $LAYERS}; } 2>&1 | grep -E "error|Elapsed|Maximum resident" | tee "$OUT/init350.log"

@@ -241,16 +241,11 @@ class CudaEngine:
         ops = self.program.ops
         if not self.fold_layernorm or self.dtype not in ("fp16", "fp32"):
             return []
-        readers: dict[str, list[int]] = {}
-        writer: dict[str, int] = {}
+        readers, writer = self._readers(), {}
         for k, op in enumerate(ops):
-            if op.kind in ("alias", "select"):
-                continue
-            for t in op.inputs:
-                if t:
-                    readers.setdefault(self.resolve(t), []).append(k)
-            for t in op.outputs:
-                writer.setdefault(self.resolve(t), k)
+            if op.kind not in ("alias", "select"):
+                for t in op.outputs:
+                    writer.setdefault(self.resolve(t), k)
         triples = []
         for i, j in self._layernorm_pairs().items():
             ln = ops[i]
@@ -593,17 +588,21 @@ class CudaEngine:
         self.plans[key] = plan
         return plan
 
-    def _layernorm_pairs(self) -> dict[int, int]:
-        """{LayerNorm op index: GEMM or MoE op index} where that op is the only reader of the normalised tensor
-        and nothing but aliases runs between them: candidates for one fused kernel (a GEMM only when the GEMV
-        runs it)."""
-        ops = self.program.ops
+    def _readers(self) -> dict[str, list[int]]:
+        """{tensor (resolved): the indices of the ops that read it}, aliases and selects left out."""
         readers: dict[str, list[int]] = {}
-        for i, op in enumerate(ops):
+        for i, op in enumerate(self.program.ops):
             if op.kind not in ("alias", "select"):
                 for t in op.inputs:
                     if t:
                         readers.setdefault(self.resolve(t), []).append(i)
+        return readers
+
+    def _layernorm_pairs(self) -> dict[int, int]:
+        """{LayerNorm op index: GEMM or MoE op index} where that op is the only reader of the normalised tensor
+        and nothing but aliases runs between them: candidates for one fused kernel (a GEMM only when the GEMV
+        runs it)."""
+        ops, readers = self.program.ops, self._readers()
         outputs = {self.resolve(o) for o in self.program.outputs}
         pairs = {}
         for i, op in enumerate(ops):

@@ -75,9 +75,10 @@ constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS;
 // tile it multiplies, and blocks of column 0 store sum and normed (FC1 reads normed after its wait); gamma and beta
 // are loaded before the wait. hidden <= 128 * kGateLnVecs vectors of 16 bytes, add_layernorm_kernel's limit.
 // Measured on an H100 (350M decode graphs, docs/performance.md): one token 0.589 against 0.609 ms with the separate
-// LayerNorm. Fused up to 64 tokens (every token's loads in flight at once; 8-token tiles then, not yet measured with
-// one-token blocks) it lost at 8 and 32 tokens (1.084 / 2.098 against 1.029 / 2.027 ms), so from 2 tokens the
-// LayerNorm stays its own kernel (kGateLnMaxTokens).
+// LayerNorm. Fused up to 64 tokens (every token's loads in flight at once) it lost at 8 and 32 tokens with 8-token
+// tiles (1.084 / 2.098 against 1.029 / 2.027 ms) and gained nothing with one-token blocks (first 8 layers at batch
+// 4 / 8 / 16 / 32: 0.3052 / 0.3765 / 0.4960 / 0.7247 against 0.3059 / 0.3768 / 0.4952 / 0.7239), so from 2 tokens
+// the LayerNorm stays its own kernel (kGateLnMaxTokens).
 constexpr int kGateLnVecs = 8;
 #ifndef MOETRT_GATE_LN_MAX_TOKENS
 #define MOETRT_GATE_LN_MAX_TOKENS 1
