@@ -154,6 +154,7 @@ def test_add_layernorm_gemv_refuses_what_it_cannot_do():
     with pytest.raises(Exception, match="sum_out: required"):
         launch.add_layernorm_gemv(x, x.clone(), g, g, None, w, None, y)
 
+
 def fold_on_device(gamma, beta, w, b, dt):
     """fold_layernorm's arithmetic in torch (numpy has no bf16): W' in dt, colsum and bias' fp32, on the GPU."""
     g64, w64 = gamma.double(), w.double()
