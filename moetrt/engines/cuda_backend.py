@@ -266,34 +266,28 @@ class CudaEngine:
         return triples
 
     def _upload_folds(self) -> None:
-        """Each fold's consumer weights with the LayerNorm's affine folded in (launch.fold_layernorm), on the
-        device: {consumer op index: (weight', colsum, bias', epsilon)}."""
+        """Each fold's consumer weights with the LayerNorm's affine folded in, computed on the device from the
+        weights already there (launch.fold_layernorm): {consumer op index: (weight', colsum, bias', epsilon)}."""
         p = self.program
         self.folds: dict[int, tuple] = {}
         self.folded_bytes = 0
         if not self.fold_triples:
             return
-        target = {"fp16": np.float16, "fp32": np.float32}[self.dtype]
-        prepared, total = [], 0
+        layout, total = [], 0
         for _, i, j in self.fold_triples:
-            gamma, beta = (np.asarray(p.initializers[n].array(p.base_dir), np.float64) for n in p.ops[i].inputs[2:4])
-            _, wname, bname = p.ops[j].inputs
-            w = np.asarray(p.initializers[wname].array(p.base_dir)).astype(target)
-            b = np.asarray(p.initializers[bname].array(p.base_dir), np.float64) if bname else None
-            folded, colsum, bias = launch.fold_layernorm(gamma, beta, w, b)
-            prepared.append((j, np.ascontiguousarray(folded), colsum, bias, p.ops[i].attrs["epsilon"]))
-            total += _aligned(folded.nbytes) + 2 * _aligned(colsum.nbytes)
+            N, K = self.weight_views[p.ops[j].inputs[1]].shape
+            layout.append((i, j, total, total + _aligned(_nbytes((N, K), self.dtype)), N, K))
+            total += _aligned(_nbytes((N, K), self.dtype)) + 2 * _aligned(4 * N)
         buf = self._alloc(total, f"LayerNorm-folded weights ({total / 2**20:.0f} MiB)")
         self.folded_bytes = total
-        rt, off = cuda.runtime_api(), 0
-        for j, *arrays, eps in prepared:
-            views = []
-            for a in arrays:
-                cuda.call(rt.cudaMemcpy, buf.ptr + off, a.ctypes.data, a.nbytes,
-                          rt.cudaMemcpyKind.cudaMemcpyHostToDevice, what="copying folded weights to the device")
-                views.append(buf.view(a.shape, self.dtype if a.dtype == target else "fp32", off))
-                off += _aligned(a.nbytes)
-            self.folds[j] = (*views, eps)
+        for i, j, off, off_c, N, K in layout:
+            gamma, beta = (self.weight_views[n] for n in p.ops[i].inputs[2:4])
+            _, wname, bname = p.ops[j].inputs
+            views = (buf.view((N, K), self.dtype, off), buf.view((N,), "fp32", off_c),
+                     buf.view((N,), "fp32", off_c + _aligned(4 * N)))
+            launch.fold_layernorm(gamma, beta, self.weight_views[wname], self.weight_views[bname] if bname else None,
+                                  *views, stream=self.stream.ptr)
+            self.folds[j] = (*views, p.ops[i].attrs["epsilon"])
 
     # -- shapes and buffer planning -----------------------------------------------------------------------
     def propagate(self, B: int, T: int) -> tuple[dict, dict]:

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "moetrt_add_layernorm_gemv": [_P] * 8 + [_I64] * 3 + [_F32, _I32, _I32, _P],
     "moetrt_gemv_residual": [_P] * 5 + [_I64] * 3 + [_I32, _I32, _P],
     "moetrt_gemv_folded": [_P] * 5 + [_I64] * 3 + [_F32, _I32, _I32, _P],
+    "moetrt_fold_layernorm": [_P] * 7 + [_I64, _I64, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
 }
 
@@ -407,19 +408,29 @@ def gemv_residual(x, weight, bias, residual, y, activation: str = "none", stream
                    defer)
 
 
-def fold_layernorm(gamma, beta, weight, bias=None):
-    """The inputs of ``gemv_folded`` for ``LayerNorm(., gamma, beta)`` followed by ``x @ weight.T + bias`` (host
-    numpy arrays; ``weight [N, K]``): ``(weight * gamma, colsum, bias + weight @ beta)``, the first in weight's
-    dtype, the other two fp32 ``[N]``; colsum sums the rounded folded weights, so that ``mu * colsum`` cancels
-    what the kernel's products hold. Sums in float64."""
-    w = np.asarray(weight)
-    w64 = w.astype(np.float64)
-    folded = (w64 * np.asarray(gamma, dtype=np.float64)[None, :]).astype(w.dtype)
-    colsum = folded.astype(np.float64).sum(axis=1).astype(np.float32)
-    b = w64 @ np.asarray(beta, dtype=np.float64)
-    if bias is not None:
-        b = b + np.asarray(bias, dtype=np.float64)
-    return folded, colsum, b.astype(np.float32)
+def fold_layernorm(gamma, beta, weight, bias, folded, colsum, bias_out, stream: int = 0):
+    """The inputs of ``gemv_folded`` for ``LayerNorm(., gamma, beta)`` followed by ``x @ weight.T + bias``, on the
+    device (``weight [N, K]``, ``gamma``, ``beta [K]``, ``bias [N]`` or None, all of one dtype):
+    ``folded = weight * gamma`` (that dtype, each product rounded once), ``colsum`` (fp32 ``[N]``: the sums of the
+    rounded folded rows, so that ``mu * colsum`` cancels what the GEMV's products hold) and ``bias_out = bias +
+    weight @ beta`` (fp32 ``[N]``). ``specs.fold_layernorm_reference`` is the float64 contract."""
+    w = DeviceArray.of(weight, "weight")
+    if len(w.shape) != 2:
+        raise KernelError(f"fold_layernorm: weight must be [N, K], got shape {w.shape}")
+    N, K = w.shape
+    _expect(w, "weight", (N, K), _float_dtypes())
+    g, b = DeviceArray.of(gamma, "gamma"), DeviceArray.of(beta, "beta")
+    f = DeviceArray.of(folded, "folded")
+    c, o = DeviceArray.of(colsum, "colsum"), DeviceArray.of(bias_out, "bias_out")
+    for arr, name, shape in ((g, "gamma", (K,)), (b, "beta", (K,)), (f, "folded", (N, K))):
+        _expect(arr, name, shape, (w.dtype,))
+    for arr, name in ((c, "colsum"), (o, "bias_out")):
+        _expect(arr, name, (N,), ("fp32",))
+    bb = _gemv_bias(bias, N, w.dtype)
+    if _overlap(f, w):
+        raise KernelError("fold_layernorm: folded overlaps weight")
+    return _launch("moetrt_fold_layernorm", (w.ptr, g.ptr, b.ptr, bb.ptr if bb else None, f.ptr, c.ptr, o.ptr, N, K,
+                                             DTYPE_CODES[w.dtype], stream), "fold_layernorm", False)
 
 
 def gemv_folded(x, weight, colsum, bias, y, activation: str = "none", epsilon: float = 1e-5, stream: int = 0,

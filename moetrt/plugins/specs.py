@@ -77,6 +77,20 @@ def add_layernorm_reference(x, delta, gamma, beta, epsilon=1e-5):
     return total, (total - mean) / np.sqrt(var + epsilon) * gamma + beta
 
 
+def fold_layernorm_reference(gamma, beta, weight, bias=None):
+    """What ``launch.fold_layernorm`` computes, in float64 on the host (``weight [N, K]`` numpy): ``(weight *
+    gamma, colsum, bias + weight @ beta)``, the first rounded once to weight's dtype, the other two fp32 ``[N]``;
+    colsum sums the rounded folded weights."""
+    w = np.asarray(weight)
+    w64 = w.astype(np.float64)
+    folded = (w64 * np.asarray(gamma, dtype=np.float64)[None, :]).astype(w.dtype)
+    colsum = folded.astype(np.float64).sum(axis=1).astype(np.float32)
+    b = w64 @ np.asarray(beta, dtype=np.float64)
+    if bias is not None:
+        b = b + np.asarray(bias, dtype=np.float64)
+    return folded, colsum, b.astype(np.float32)
+
+
 def bias_act_reference(x, bias, activation="gelu_tanh"):
     x, bias = _f64(x, bias)
     return apply_activation(x + bias, activation)

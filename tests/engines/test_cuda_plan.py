@@ -11,6 +11,7 @@ import torch
 from moetrt.compiler.pipeline import compile
 from moetrt.engines import cuda, cuda_backend
 from moetrt.engines.program import analyze
+from moetrt.plugins import launch
 
 
 class _Buffer:
@@ -63,6 +64,14 @@ def fake_device(monkeypatch):
     monkeypatch.setattr(cuda_backend, "check_arch", lambda *a: None)
     monkeypatch.setattr(cuda_backend, "GemmContext", lambda *a: types.SimpleNamespace(gemv={}, destroy=lambda: None))
     monkeypatch.setattr(cuda_backend, "Gemm", _Gemm)
+    set_up, real = [], launch._launch
+
+    def record_set_up(name, args, what, defer):  # set-up kernels run at once; the fake records their arguments
+        if name == "moetrt_fold_layernorm":
+            return set_up.append(args)
+        return real(name, args, what, defer)
+    monkeypatch.setattr(launch, "_launch", record_set_up)
+    return set_up
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +100,18 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
     kinds = [(p.ops[a].kind, p.ops[b].kind, p.ops[c].kind) for a, b, c in engine.fold_triples]
     assert kinds == [("gemm", "add_layernorm", "gemm")] * 2 + [("moe", "add_layernorm", "gemm"),
                                                                 ("gemm", "add_layernorm", "gemm")]
+    # set-up: each consumer's weights folded on the device from the uploaded weights, gamma and beta
+    assert len(fake_device) == len(engine.fold_triples)
+    for (_, i, j), args in zip(engine.fold_triples, fake_device):
+        views = engine.weight_views
+        assert args[:3] == (views[p.ops[j].inputs[1]].ptr, *(views[n].ptr for n in p.ops[i].inputs[2:4]))
+        assert args[4:7] == tuple(v.ptr for v in engine.folds[j][:3])
+    folded = {v[0].ptr for v in engine.folds.values()}
     for B in (3, 4):
         launches = engine.plan(B, 1, gemv=True).launches
         whats = [getattr(fn, "what", "") for fn in launches]
         assert whats.count("gemv_residual") == 3 and whats.count("gemv_folded") == 4, whats
+        assert {fn.args[1] for fn in launches if fn.what == "gemv_folded"} == folded
         assert sum(w.startswith("add_layernorm") for w in whats) == 3, whats  # embedding's, MoE's, final
         for k, fn in enumerate(launches):
             if fn.what not in ("gemv_residual", "moe", "add_layernorm_moe"):

@@ -165,6 +165,33 @@ def fold_on_device(gamma, beta, w, b, dt):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n, k, with_bias", [(3072, 1024, True), (4096, 1024, False), (37, 100, True)])
+def test_fold_layernorm_on_device(dtype, n, k, with_bias):
+    """launch.fold_layernorm against the float64 fold. The folded weights bit for bit: a product of two 16-bit
+    values (or two fp32 ones) is exact in fp32 (in float64), so both round it once. colsum and bias' against the
+    exact sums: a lane sums k / 32 terms, five shuffles combine the lanes, and bias' adds the bias once, so each is
+    within (k / 32 + 6) roundings of 2^-24 times the sum of its terms' magnitudes."""
+    dt = DTYPES[dtype]
+    gamma, beta = (1 + 0.2 * torch.randn(k, device="cuda")).to(dt), (0.2 * torch.randn(k, device="cuda")).to(dt)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dt)
+    b = torch.randn(n, device="cuda").to(dt) if with_bias else None
+    folded, colsum, bias = poisoned((n, k), dt), poisoned((n,), torch.float32), poisoned((n,), torch.float32)
+    launch.fold_layernorm(gamma, beta, w, b, folded, colsum, bias)
+    torch.cuda.synchronize()
+    ref_folded = fold_on_device(gamma, beta, w, b, dt)[0]
+    assert torch.equal(folded, ref_folded)
+    bound = (k / 32 + 6) * 2.0 ** -24
+    f64, terms = ref_folded.double(), w.double() * beta.double()[None, :]
+    b64 = b.double() if with_bias else torch.zeros(n, device="cuda", dtype=torch.float64)
+    assert ((colsum.double() - f64.sum(1)).abs() <= bound * f64.abs().sum(1)).all()
+    assert ((bias.double() - (b64 + terms.sum(1))).abs() <= bound * (terms.abs().sum(1) + b64.abs())).all()
+    with pytest.raises(KernelError, match="gamma: expected shape"):
+        launch.fold_layernorm(gamma[:-1], beta, w, b, folded, colsum, bias)
+    with pytest.raises(KernelError, match="colsum: expected dtype fp32"):
+        launch.fold_layernorm(gamma, beta, w, b, folded, colsum.half(), bias)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rows, n, k, activation, mean", [
     (1, 3072, 1024, "none", 0.0), (1, 1024, 4096, "gelu_tanh", 2.0), (2, 4096, 1024, "gelu_tanh", 0.0),
     (5, 200, 1032, "none", 3.0), (8, 3072, 1024, "none", 0.5), (8, 1000, 64, "gelu", 0.0),

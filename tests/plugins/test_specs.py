@@ -6,7 +6,8 @@ import torch
 
 from moetrt.models import GPTMoE, KVCache, get_preset
 from moetrt.models.checkpoints import synthetic_tensor
-from moetrt.plugins.specs import SPECS, attention_reference, moe_reference, add_layernorm_reference
+from moetrt.plugins.specs import (SPECS, add_layernorm_reference, attention_reference, fold_layernorm_reference,
+                                  moe_reference)
 
 
 def model64(config, seed=0):
@@ -68,16 +69,15 @@ def test_specs_carry_the_plugin_attributes():
 
 
 @pytest.mark.parametrize("mean", [0.0, 4.0])
-def test_fold_layernorm_is_layernorm_then_linear(mean):
-    """gemv_folded's contract, in float64 on the CPU: r (x W'^T - mu colsum) + b' with fold_layernorm's W', colsum
-    and b' is LayerNorm(x) gamma + beta then x W^T + b (colsum and b' are fp32, hence the 1e-6)."""
-    from moetrt.plugins.launch import fold_layernorm
+def test_fold_layernorm_reference_is_layernorm_then_linear(mean):
+    """gemv_folded's contract, in float64 on the CPU: r (x W'^T - mu colsum) + b' with fold_layernorm_reference's
+    W', colsum and b' is LayerNorm(x) gamma + beta then x W^T + b (colsum and b' are fp32, hence the 1e-6)."""
     rng = np.random.default_rng(int(mean))
     M, K, N = 5, 96, 40
     x = mean + rng.standard_normal((M, K))
     gamma, beta = 1 + 0.2 * rng.standard_normal(K), 0.2 * rng.standard_normal(K)
     w, b = rng.standard_normal((N, K)) / K ** 0.5, rng.standard_normal(N)
-    folded, colsum, bias = fold_layernorm(gamma, beta, w, b)
+    folded, colsum, bias = fold_layernorm_reference(gamma, beta, w, b)
     assert folded.dtype == np.float64 and colsum.dtype == bias.dtype == np.float32
     mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
     r = 1 / np.sqrt(var + 1e-5)
@@ -85,7 +85,7 @@ def test_fold_layernorm_is_layernorm_then_linear(mean):
     want = add_layernorm_reference(x, None, gamma, beta, 1e-5)[1] @ w.T + b
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # fp16 weights: the folded ones are rounded once, colsum sums them as rounded
-    f16, c16, _ = fold_layernorm(gamma, beta, w.astype(np.float16))
+    f16, c16, _ = fold_layernorm_reference(gamma, beta, w.astype(np.float16))
     assert f16.dtype == np.float16
     np.testing.assert_array_equal(f16, (w.astype(np.float16).astype(np.float64) * gamma).astype(np.float16))
     np.testing.assert_allclose(c16, f16.astype(np.float64).sum(1), rtol=1e-6)

@@ -516,6 +516,52 @@ MOETRT_API int moetrt_gemv_residual(const void* x, const void* weight, const voi
   })
 }
 
+namespace {
+// fold_layernorm: a warp per weight row n. folded[n][k] = weight[n][k] * gamma[k], the fp32 product of two 16-bit
+// values (or two fp32 ones) rounded once to T, as the float64 product would be; colsum[n] sums the rounded folded
+// row and bias_out[n] = bias[n] + weight[n] . beta, both in fp32.
+template <typename T>
+__global__ void fold_layernorm_kernel(const T* __restrict__ weight, const T* __restrict__ gamma,
+                                      const T* __restrict__ beta, const T* __restrict__ bias, T* __restrict__ folded,
+                                      float* __restrict__ colsum, float* __restrict__ bias_out, int n, int k) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const T* w = weight + row * k;
+  T* f = folded + row * k;
+  float sum = 0.f, dot = 0.f;
+  for (int i = lane; i < k; i += 32) {
+    const float wi = to_float(w[i]);
+    const T fi = from_float<T>(__fmul_rn(wi, to_float(gamma[i])));
+    f[i] = fi;
+    sum += to_float(fi);
+    dot = __fmaf_rn(wi, to_float(beta[i]), dot);
+  }
+  sum = warp_sum(sum);
+  dot = warp_sum(dot);
+  if (lane == 0) {
+    colsum[row] = sum;
+    bias_out[row] = (bias ? to_float(bias[row]) : 0.f) + dot;
+  }
+}
+}  // namespace
+
+MOETRT_API int moetrt_fold_layernorm(const void* weight, const void* gamma, const void* beta, const void* bias,
+                                     void* folded, float* colsum, float* bias_out, int64_t n, int64_t k, int dtype,
+                                     cudaStream_t stream) {
+  if (n <= 0 || k <= 0 || n > 0x7fffffff || k > 0x7fffffff || !weight || !gamma || !beta || !folded || !colsum ||
+      !bias_out)
+    return MOETRT_ERR_BAD_SHAPE;
+  MOETRT_DISPATCH_DTYPE(dtype, T, {
+    const unsigned blocks = static_cast<unsigned>((n + 7) / 8);
+    fold_layernorm_kernel<T><<<blocks, 256, 0, stream>>>(
+        static_cast<const T*>(weight), static_cast<const T*>(gamma), static_cast<const T*>(beta),
+        static_cast<const T*>(bias), static_cast<T*>(folded), colsum, bias_out, static_cast<int>(n),
+        static_cast<int>(k));
+    return launch_status();
+  })
+}
+
 MOETRT_API int moetrt_gemv_folded(const void* x, const void* weight, const float* colsum, const float* bias, void* y,
                                   int64_t rows, int64_t n, int64_t k, float epsilon, int activation, int dtype,
                                   cudaStream_t stream) {

@@ -124,3 +124,10 @@ MOETRT_API int moetrt_gemv_residual(const void* x, const void* weight, const voi
 MOETRT_API int moetrt_gemv_folded(const void* x, const void* weight, const float* colsum, const float* bias, void* y,
                                   int64_t rows, int64_t n, int64_t k, float epsilon, int activation, int dtype,
                                   cudaStream_t stream);
+// The inputs of moetrt_gemv_folded from the LayerNorm's gamma, beta [k] and the GEMM's weight [n, k] and bias [n]
+// (may be null), all of dtype: folded = weight diag(gamma) (dtype; each product rounded once), colsum (fp32 [n],
+// sums of the rounded folded rows) and bias_out = bias + weight beta (fp32 [n]). Set-up work, not a decode kernel:
+// launched without programmatic dependence.
+MOETRT_API int moetrt_fold_layernorm(const void* weight, const void* gamma, const void* beta, const void* bias,
+                                     void* folded, float* colsum, float* bias_out, int64_t n, int64_t k, int dtype,
+                                     cudaStream_t stream);
