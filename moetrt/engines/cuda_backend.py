@@ -84,6 +84,9 @@ class CudaEngine:
     # a cuBLASLt GEMM followed by bias + tanh GeLU takes both as its GELU_BIAS epilogue (H100, 350M batch-32 FC1:
     # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/performance.md)
     gelu_epilogue = True
+    # the LM head is a GEMV candidate too, run by the GEMV kernel where tuning timed it faster (an engine tuned
+    # before this has no such entry and keeps cuBLASLt)
+    head_gemv = True
 
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
@@ -469,12 +472,21 @@ class CudaEngine:
                     raise MoetrtError(f"logits of {R} positions exceed the runtime's {self.max_rows} rows; "
                                       "ask for fewer positions per step")
                 out = self.logits_buf.view((R, self.vocab), self.dtype)
-                g = Gemm(self.gemm_ctx, R, self.vocab, self.hidden, self.dtype, x.ptr, self._view(ins[1], ()).ptr,
-                         out.ptr, self._view(ins[2], ()).ptr if ins[2] else None, self.stream, op.node,
-                         op.attrs["trans"])
+                logits = out
+                w, bv = self._view(ins[1], ()), self._view(ins[2], ()) if ins[2] else None
+                eligible = self.head_gemv and op.attrs["trans"] and R <= launch.gemv_max_rows(self.dtype) \
+                    and self.hidden % 8 == 0
+                key = f"head:{R}x{self.vocab}x{self.hidden}:{self.dtype}:{'bias' if bv else 'none'}"
+                gemv_call = launch.gemv(x, w, bv, out, stream=s, defer=True) if eligible else None
+                if eligible and (gemv if gemv is not None else self.gemm_ctx.gemv.get(key, False)):
+                    launches.append(gemv_call)
+                    continue
+                g = Gemm(self.gemm_ctx, R, self.vocab, self.hidden, self.dtype, x.ptr, w.ptr, out.ptr,
+                         bv.ptr if bv is not None else None, self.stream, op.node, op.attrs["trans"])
                 gemms.append(g)
                 launches.append(g.launch)
-                logits = out
+                if eligible:
+                    candidates.append((key, [g.launch], gemv_call))
                 continue
             if op.kind == "embed_ln":
                 ids, pos, wte, wpe, gamma, beta = ins

@@ -135,3 +135,27 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
     plain = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
     assert plain.fold_triples == [] and sum(w.startswith("add_layernorm") for w in _whats(plain.plan(3, 1))) == 7
     plain.close()
+
+
+def test_lm_head_runs_as_a_gemv_where_tuned_so(fake_device, three_layer_program, monkeypatch):
+    """The LM head is a GEMV candidate: tuning times it (plan.gemv_candidates), the GEMV kernel runs it where the
+    tuning says so or the plan forces GEMVs, cuBLASLt otherwise (also when the tuning has no entry for it, as in
+    engines tuned before), and head_gemv = False keeps it off the candidates."""
+    engine = cuda_backend.CudaEngine(three_layer_program, 4, 64, 256, 256)
+    key = f"head:2x{engine.vocab}x{engine.hidden}:fp16:none"
+    plan = engine.plan(2, 1)
+    assert _whats(plan)[-1] == "cublaslt" and key in [k for k, _, _ in plan.gemv_candidates]
+    head = engine.plan(2, 1, gemv=True).launches[-1]
+    assert head.what == "gemv" and head.args[3] == engine.logits_buf.ptr
+    assert head.args[5:7] == (engine.vocab, engine.hidden)
+    engine.gemm_ctx.gemv[key] = True
+    engine.plans.clear()
+    assert _whats(engine.plan(2, 1))[-1] == "gemv"
+    assert _whats(engine.plan(4, 16, rows=40, gemv=True))[-1] == "cublaslt"  # past the GEMV's 32 rows
+    engine.close()
+    monkeypatch.setattr(cuda_backend.CudaEngine, "head_gemv", False)
+    plain = cuda_backend.CudaEngine(three_layer_program, 4, 64, 256, 256)
+    plain.gemm_ctx.gemv[key] = True
+    plan = plain.plan(2, 1)
+    assert _whats(plan)[-1] == "cublaslt" and key not in [k for k, _, _ in plan.gemv_candidates]
+    plain.close()

@@ -746,15 +746,26 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
   static_assert(kGemvMaxAssignments <= 16, "an expert's assignments fill one MMA's 16 rows");
   constexpr int W = kGemvThreads / 32;
+  // FC2 at one row group a block (2-3 assignments) reads the routing (two kernels back, common.cuh) and loads its
+  // first kPre chunks before its wait, streaming weights during FC1's last wave. H100, first 8 layers of the 350M
+  // decode graphs, three alternating rounds: batch 2 0.2565 against 0.2653 ms; the same for the two-row-group FC2
+  // (from 4 assignments: 128 registers, 2 blocks an SM) lost 0.5-2% at batch 4-16.
+  constexpr bool kEarly = !FC1 && R == 1;
   __shared__ float part[W][16][8 * R];
-  enter_after_predecessor();
-  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  auto enter = [&] {
+    enter_after_predecessor();
+    if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  };
+  if constexpr (!kEarly) enter();
   const int blocks_per_expert = (rows + 8 * R - 1) / (8 * R);
   const int slots = gridDim.x / blocks_per_expert;
   const int slot = blockIdx.x % slots, n0 = (blockIdx.x / slots) * 8 * R;
   // the active count and this slot's expert in one round trip (slot < experts: active[1 + slot] exists)
   const int n_active = w.active[0], e = w.active[1 + slot];
-  if (slot >= n_active) return;
+  if (slot >= n_active) {
+    if constexpr (kEarly) enter();
+    return;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow[R];
@@ -771,6 +782,7 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
     const int c = (threadIdx.x + o * kGemvThreads) % (8 * R);
     bias_v[o] = n0 + c < rows ? to_float(bias[int64_t(e) * rows + n0 + c]) : 0.f;
   }
+  if constexpr (kEarly) enter();
   const int count = w.counts[e], off = w.offsets[e];  // <= kGemvMaxAssignments <= 16: one pass
   auto src = [&](int m) -> const T* {  // A row m: assignment off + m (FC1: its token's hidden row)
     if (m >= count) return nullptr;
