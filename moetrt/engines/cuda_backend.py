@@ -76,10 +76,12 @@ class CudaEngine:
     # (gemv_residual; the MoE's residual input), the one after runs on the un-normalised sum with the LayerNorm's
     # gamma / beta folded into a copy of its weights (gemv_folded). Single-rank graphs, fp16 / fp32; see plan.
     fold_layernorm = True
-    # ... from fuse_layernorm_max_rows + 1 up to this many rows: every block of gemv_folded gathers its rows'
-    # statistics again, which at 32 rows costs more than the LayerNorm kernel (H100, 8-layer 350M decode graph,
-    # folded / not: 0.2946 / 0.3059 ms at batch 4, 0.3623 / 0.3730 at 8, 0.4781 / 0.4819 at 16, 0.7245 / 0.7154
-    # at 32; docs/performance.md)
+    # ... from this many rows up to fold_layernorm_max_rows: every block of gemv_folded gathers its rows' statistics
+    # again, which at 32 rows costs more than the LayerNorm kernel (H100, 8-layer 350M decode graph, folded / not:
+    # 0.2946 / 0.3059 ms at batch 4, 0.3623 / 0.3730 at 8, 0.4781 / 0.4819 at 16, 0.7245 / 0.7154 at 32). Folding
+    # at 1-2 rows too, instead of the LayerNorm as the GEMV's prologue, measured 0.1978 / 0.2269 against 0.2000 /
+    # 0.2422 ms at batch 1 / 2, but its GPU runtime test has not run yet (docs/performance.md), so it starts at 3
+    fold_layernorm_min_rows = 3
     fold_layernorm_max_rows = 16
     # a cuBLASLt GEMM followed by bias + tanh GeLU takes both as its GELU_BIAS epilogue (H100, 350M batch-32 FC1:
     # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/performance.md)
@@ -413,10 +415,9 @@ class CudaEngine:
         N = B * T
         default_rows = None
         # the LayerNorm folds this step takes: both GEMMs run by the GEMV kernel (a MoE producer always can), and
-        # rows past fuse_layernorm_max_rows (up to there the LayerNorm is the consumer GEMV's prologue, no kernel of
-        # its own; folding it measured slower there) up to fold_layernorm_max_rows
+        # fold_layernorm_min_rows to fold_layernorm_max_rows rows; the LayerNorms not folded may still be fused below
         fold_ln, fold_producer, fold_consumer = set(), {}, {}
-        fold_rows = (self.fuse_layernorm_max_rows if self.fuse_layernorm else 0) < N <= self.fold_layernorm_max_rows
+        fold_rows = self.fold_layernorm_min_rows <= N <= self.fold_layernorm_max_rows
         for pr, i, j in self.fold_triples if fold_rows else ():
             if self._gemv_choice(p.ops[j], shapes, gemv)[1] and \
                     (p.ops[pr].kind == "moe" or self._gemv_choice(p.ops[pr], shapes, gemv)[1]):

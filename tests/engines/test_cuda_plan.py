@@ -93,10 +93,13 @@ def _whats(plan):
 def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monkeypatch):
     """Four LayerNorms fold (out-projection -> FC1 and FC2 -> next QKV in both dense layers' reach, and MoE -> next
     QKV): the producer's output is the consumer's input, written into neither of the producer's inputs; prefill
-    plans, decode plans outside (fuse_layernorm_max_rows, fold_layernorm_max_rows] and fold_layernorm = False keep
-    every LayerNorm."""
+    plans, decode plans outside [fold_layernorm_min_rows, fold_layernorm_max_rows] and fold_layernorm = False keep
+    every LayerNorm, as kernels or (up to fuse_layernorm_max_rows) as the next GEMV's prologue."""
     p = three_layer_program
     engine = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
+    assert "gemv_folded" not in _whats(engine.plan(engine.fold_layernorm_min_rows - 1, 1, gemv=True))
+    monkeypatch.setattr(engine, "fold_layernorm_min_rows", 1)
+    engine.plans.clear()
     kinds = [(p.ops[a].kind, p.ops[b].kind, p.ops[c].kind) for a, b, c in engine.fold_triples]
     assert kinds == [("gemm", "add_layernorm", "gemm")] * 2 + [("moe", "add_layernorm", "gemm"),
                                                                 ("gemm", "add_layernorm", "gemm")]
@@ -107,7 +110,7 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
         assert args[:3] == (views[p.ops[j].inputs[1]].ptr, *(views[n].ptr for n in p.ops[i].inputs[2:4]))
         assert args[4:7] == tuple(v.ptr for v in engine.folds[j][:3])
     folded = {v[0].ptr for v in engine.folds.values()}
-    for B in (3, 4):
+    for B in (1, 2, 3, 4):
         launches = engine.plan(B, 1, gemv=True).launches
         whats = [getattr(fn, "what", "") for fn in launches]
         assert whats.count("gemv_residual") == 3 and whats.count("gemv_folded") == 4, whats
@@ -124,12 +127,15 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
                 residual, out = fn.args[12:14] if fn.what == "add_layernorm_moe" else fn.args[6:8]
                 assert out == consumer.args[0] and residual not in (None, out)
     assert "gemv_folded" not in _whats(engine.plan(2, 16))
-    # up to fuse_layernorm_max_rows the LayerNorm is the consumer GEMV's prologue instead; past
-    # fold_layernorm_max_rows it stays a kernel
-    assert "gemv_folded" not in _whats(engine.plan(engine.fuse_layernorm_max_rows, 1, gemv=True))
+    # past fold_layernorm_max_rows the LayerNorm stays: a kernel, or up to fuse_layernorm_max_rows the consumer
+    # GEMV's prologue
     monkeypatch.setattr(engine, "fold_layernorm_max_rows", 2)
     engine.plans.clear()
     assert "gemv_folded" not in _whats(engine.plan(3, 1, gemv=True))
+    monkeypatch.setattr(engine, "fold_layernorm_max_rows", 0)
+    engine.plans.clear()
+    whats = _whats(engine.plan(engine.fuse_layernorm_max_rows, 1, gemv=True))
+    assert "gemv_folded" not in whats and whats.count("add_layernorm_gemv") == 5, whats  # and the embedding's
     engine.close()
     monkeypatch.setattr(cuda_backend.CudaEngine, "fold_layernorm", False)
     plain = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
