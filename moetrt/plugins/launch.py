@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-import numpy as np
-
 from moetrt.errors import KernelError
 from moetrt.plugins.kernels import DTYPE_CODES, check, load_library
 

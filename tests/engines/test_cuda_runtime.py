@@ -305,6 +305,7 @@ def test_layernorm_fused_into_the_next_gemv_or_moe_changes_no_bit(tmp_path, monk
         for name in p:
             assert np.array_equal(f[name], p[name]), name
 
+
 def test_layernorm_folded_between_gemvs(tmp_path, monkeypatch):
     """With fold_layernorm, a decode step runs no LayerNorm between a GEMV-run GEMM or a MoE and the GEMV-run GEMM
     after it (out-projection -> dense FC1, dense FC2 -> next QKV, MoE -> next QKV): the first adds the residual

@@ -12,10 +12,10 @@
 //  - kEpiResidual (the GEMV before the LayerNorm): y = residual + T(act(x W^T + bias)), the residual stream itself
 //    (add_layernorm's sum, the same bits), so that no kernel adds it;
 //  - kEpiFolded (the GEMV after it), on that residual stream s with the LayerNorm's affine folded into the weights
-//    (W' = W diag(gamma), colsum = W' 1, bias' = bias + W beta, on the host): y = act(r (s W'^T - mu colsum) +
-//    bias') with mu and r = 1 / sqrt(var + eps) of each row of s, which every block gathers from the rows it loads
-//    for its products anyway (one pass, no extra reads). No normalised rows exist: the bits differ from LayerNorm
-//    then GEMV (float64 comparison in tests/plugins/test_kernels.py).
+//    (W' = W diag(gamma), colsum = W' 1, bias' = bias + W beta; moetrt_fold_layernorm at set-up):
+//    y = act(r (s W'^T - mu colsum) + bias') with mu and r = 1 / sqrt(var + eps) of each row of s, which every block
+//    gathers from the rows it loads for its products anyway (one pass, no extra reads). No normalised rows exist:
+//    the bits differ from LayerNorm then GEMV (float64 comparison in tests/plugins/test_kernels.py).
 #include "common.cuh"
 
 using namespace moetrt;
