@@ -281,8 +281,9 @@ class CudaEngine:
         layout, total = [], 0
         for _, i, j in self.fold_triples:
             N, K = self.weight_views[p.ops[j].inputs[1]].shape
-            layout.append((i, j, total, total + _aligned(_nbytes((N, K), self.dtype)), N, K))
-            total += _aligned(_nbytes((N, K), self.dtype)) + 2 * _aligned(4 * N)
+            sums_at = total + _aligned(_nbytes((N, K), self.dtype))  # colsum, then bias'
+            layout.append((i, j, total, sums_at, N, K))
+            total = sums_at + 2 * _aligned(4 * N)
         buf = self._alloc(total, f"LayerNorm-folded weights ({total / 2**20:.0f} MiB)")
         self.folded_bytes = total
         for i, j, off, off_c, N, K in layout:
@@ -389,13 +390,17 @@ class CudaEngine:
         at 8 rows the tensor-core GEMV (fp16/bf16) 1.7-4.8 µs vs 3.6-5.9 µs."""
         return self.gemm_ctx.gemv.get(key, M <= 4 or (self.dtype != "fp32" and M <= 8))
 
+    def _gemv_fits(self, trans: bool, M: int, K: int) -> bool:
+        """Whether the GEMV kernel can run a GEMM of M rows over K with its weight stored [out, in] (trans)."""
+        return trans and M <= launch.gemv_max_rows(self.dtype) and K % 8 == 0
+
     def _gemv_choice(self, op, shapes: dict, gemv: bool | None) -> tuple[bool, bool, str]:
         """For a GEMM op at these shapes: whether the GEMV kernel can run it, whether it does (``gemv`` forces
         the choice), and the key of that choice in the tuning."""
         x, _, bias = op.inputs
         K, Nout, act = op.attrs["K"], op.attrs["N"], op.attrs.get("act")
         M = int(np.prod(shapes[x][:-1]))
-        eligible = op.attrs["trans"] and M <= launch.gemv_max_rows(self.dtype) and K % 8 == 0
+        eligible = self._gemv_fits(op.attrs["trans"], M, K)
         key = f"{M}x{Nout}x{K}:{self.dtype}:{'bias' if bias else 'none'}:{act or 'noact'}"
         return eligible, eligible and (gemv if gemv is not None else self.use_gemv(key, M)), key
 
@@ -475,8 +480,7 @@ class CudaEngine:
                 out = self.logits_buf.view((R, self.vocab), self.dtype)
                 logits = out
                 w, bv = self._view(ins[1], ()), self._view(ins[2], ()) if ins[2] else None
-                eligible = self.head_gemv and op.attrs["trans"] and R <= launch.gemv_max_rows(self.dtype) \
-                    and self.hidden % 8 == 0
+                eligible = self.head_gemv and self._gemv_fits(op.attrs["trans"], R, self.hidden)
                 key = f"head:{R}x{self.vocab}x{self.hidden}:{self.dtype}:{'bias' if bv else 'none'}"
                 gemv_call = launch.gemv(x, w, bv, out, stream=s, defer=True) if eligible else None
                 if eligible and (gemv if gemv is not None else self.gemm_ctx.gemv.get(key, False)):
