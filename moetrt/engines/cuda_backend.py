@@ -78,10 +78,10 @@ class CudaEngine:
     fold_layernorm = True
     # ... from this many rows up to fold_layernorm_max_rows: every block of gemv_folded gathers its rows' statistics
     # again, which at 32 rows costs more than the LayerNorm kernel (H100, 8-layer 350M decode graph, folded / not:
-    # 0.2946 / 0.3059 ms at batch 4, 0.3623 / 0.3730 at 8, 0.4781 / 0.4819 at 16, 0.7245 / 0.7154 at 32). Folding
-    # at 1-2 rows too, instead of the LayerNorm as the GEMV's prologue, measured 0.1978 / 0.2269 against 0.2000 /
-    # 0.2422 ms at batch 1 / 2, but its GPU runtime test has not run yet (docs/performance.md), so it starts at 3
-    fold_layernorm_min_rows = 3
+    # 0.2946 / 0.3059 ms at batch 4, 0.3623 / 0.3730 at 8, 0.4781 / 0.4819 at 16, 0.7245 / 0.7154 at 32). At 1-2
+    # rows folding beats the LayerNorm as the GEMV's prologue (350M decode graph, from 1 / from 3 rows: 0.5210 /
+    # 0.5234 ms at batch 1, 0.6036 / 0.6510 at 2; docs/performance.md)
+    fold_layernorm_min_rows = 1
     fold_layernorm_max_rows = 16
     # a cuBLASLt GEMM followed by bias + tanh GeLU takes both as its GELU_BIAS epilogue (H100, 350M batch-32 FC1:
     # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/performance.md)
@@ -409,11 +409,14 @@ class CudaEngine:
         compute, read at run time from the staging ``rows`` array (indices into the B·T positions).
         ``gemv``: force (True/False) the GEMV kernel for eligible GEMMs instead of the tuned choice."""
         key = (B, T, rows) if gemv is None else (B, T, rows, gemv)
-        if key in self.plans:
-            return self.plans[key]
-        if B * T > self.max_tokens or B > self.max_batch:
-            raise MoetrtError(f"a step of {B}×{T} tokens exceeds the runtime's {self.max_tokens} tokens / "
-                              f"{self.max_batch} sequences")
+        if key not in self.plans:  # made once: a step replays it (or its CUDA graph)
+            if B * T > self.max_tokens or B > self.max_batch:
+                raise MoetrtError(f"a step of {B}×{T} tokens exceeds the runtime's {self.max_tokens} tokens / "
+                                  f"{self.max_batch} sequences")
+            self.plans[key] = self._make_plan(B, T, rows, gemv)
+        return self.plans[key]
+
+    def _make_plan(self, B: int, T: int, rows: int | None, gemv: bool | None) -> StepPlan:
         p, s = self.program, self.stream.ptr
         shapes, values = self.propagate(B, T)
         launches, gemms, candidates = [], [], []
@@ -595,9 +598,7 @@ class CudaEngine:
                         launches.append(launch.add_layernorm(*ln[0], **ln[1], defer=True))
                 launches.append(launch.moe(self._view(x, (n, h)), *weights, **kw))
         assert not pending, f"LayerNorms left unfused and unlaunched: {sorted(pending)}"
-        plan = StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates)
-        self.plans[key] = plan
-        return plan
+        return StepPlan(B, T, rows, launches, logits, default_rows, gemms, candidates)
 
     def _readers(self) -> dict[str, list[int]]:
         """{tensor (resolved): the indices of the ops that read it}, aliases and selects left out."""

@@ -97,7 +97,9 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
     every LayerNorm, as kernels or (up to fuse_layernorm_max_rows) as the next GEMV's prologue."""
     p = three_layer_program
     engine = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
-    assert "gemv_folded" not in _whats(engine.plan(engine.fold_layernorm_min_rows - 1, 1, gemv=True))
+    assert engine.fold_layernorm_min_rows == 1
+    monkeypatch.setattr(engine, "fold_layernorm_min_rows", 3)
+    assert "gemv_folded" not in _whats(engine.plan(2, 1, gemv=True))
     monkeypatch.setattr(engine, "fold_layernorm_min_rows", 1)
     engine.plans.clear()
     kinds = [(p.ops[a].kind, p.ops[b].kind, p.ops[c].kind) for a, b, c in engine.fold_triples]
@@ -165,3 +167,23 @@ def test_lm_head_runs_as_a_gemv_where_tuned_so(fake_device, three_layer_program,
     plan = plain.plan(2, 1)
     assert _whats(plan)[-1] == "cublaslt" and key not in [k for k, _, _ in plan.gemv_candidates]
     plain.close()
+
+
+def test_a_plan_is_made_once_per_step_shape(fake_device, three_layer_program, monkeypatch):
+    """engine.plan returns the plan made for the same (B, T, rows[, gemv]) before: a decode step does no planning
+    (each plan re-propagates the shapes and creates its cuBLASLt GEMMs; an earlier bug keyed the cache by the LM
+    head's tuning key and remade every step's plan, ~10 ms of host time a token for the 350M model)."""
+    engine = cuda_backend.CudaEngine(three_layer_program, 4, 64, 256, 256)
+    made = []
+    make = engine._make_plan
+    monkeypatch.setattr(engine, "_make_plan", lambda *a: made.append(a) or make(*a))
+    shapes = [(1, 1, None, None), (4, 1, None, None), (1, 16, 1, None), (2, 1, None, True), (2, 1, None, False)]
+    first = [engine.plan(*s) for s in shapes]
+    again = [engine.plan(*s) for s in shapes * 3]
+    assert made == shapes
+    assert all(a is b for a, b in zip(again, first * 3))
+    assert set(engine.plans) == {s[:3] if s[3] is None else s for s in shapes}
+    with pytest.raises(cuda_backend.MoetrtError, match="exceeds"):
+        engine.plan(8, 1)
+    assert len(engine.plans) == len(shapes)
+    engine.close()

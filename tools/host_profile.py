@@ -1,0 +1,75 @@
+"""Host-side costs of the GPU runtime (on the GPU machine): what a decode step and a prefill spend on the CPU.
+
+    python3 tools/host_profile.py ENGINE [--batch 1]
+
+Prints the host time of one decode-graph launch, of one eager step's launches (per launch), of an empty kernel +
+event sync round trip, per-token time as generate() delivers it, and generate()'s top functions by own time."""
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("engine")
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    from moetrt.engines.runtime import Runtime
+    B = args.batch
+    with Runtime(args.engine, device="cuda") as rt:
+        e, s = rt.engine, rt.engine.stream
+        prompts = np.random.default_rng(0).integers(0, rt.config.vocab_size, (B, 128)).tolist()
+        rt.generate(prompts, 4)
+        graph = rt.graphs[next(b for b in sorted(rt.graphs) if b >= B)]
+        s.synchronize()
+        for n in (1, 20):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                graph.launch()
+            t1 = time.perf_counter()
+            s.synchronize()
+            t2 = time.perf_counter()
+            print(f"graph launch x{n}: host {1e3 * (t1 - t0) / n:.3f} ms each; until done {1e3 * (t2 - t0) / n:.3f} ms each")
+        plan = e.plan(graph_b := next(b for b in sorted(rt.graphs) if b >= B), 1, None)
+        n_launch = len(getattr(plan, "launches", []))
+        for _ in range(3):
+            t0 = time.perf_counter()
+            plan.run()
+            t1 = time.perf_counter()
+            s.synchronize()
+            t2 = time.perf_counter()
+            print(f"eager decode step (B={graph_b}, {n_launch} launches): host {1e3 * (t1 - t0):.3f} ms, until done "
+                  f"{1e3 * (t2 - t0):.3f} ms")
+        ev = rt.token_event
+        lat = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            ev.record(s)
+            ev.synchronize()
+            lat.append(time.perf_counter() - t0)
+        print(f"event record + synchronize on an idle stream: median {1e6 * np.median(lat):.1f} us, "
+              f"max {1e6 * max(lat):.1f} us")
+        lat = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            graph.launch()
+            ev.record(s)
+            ev.synchronize()
+            lat.append(time.perf_counter() - t0)
+        print(f"graph launch + event sync: median {1e3 * np.median(lat):.3f} ms, max {1e3 * max(lat):.3f} ms")
+        stamps = []
+        rt.generate(prompts, 32, callback=lambda step, tokens: stamps.append(time.perf_counter()))
+        d = np.diff(stamps) * 1e3
+        print(f"generate: per token median {np.median(d):.3f} ms, min {d.min():.3f}, max {d.max():.3f}")
+        prof = cProfile.Profile()
+        prof.enable()
+        rt.generate(prompts, 32)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
