@@ -115,6 +115,21 @@ def test_cuda_graph_replay_equals_eager_steps(engine16):
         assert a.graphs and not b.graphs
 
 
+def test_generate_plans_each_step_shape_once(engine16, monkeypatch):
+    """A second generate() of the same shapes makes no plan (its prefill plan and decode graph are kept), and the
+    first makes one per step shape: a plan remade every step cost ~10 ms of host time a token (the plan cache
+    once keyed by the LM head's tuning key)."""
+    with Runtime(engine16, device="cuda") as rt:
+        made = []
+        make = rt.engine._make_plan
+        monkeypatch.setattr(rt.engine, "_make_plan", lambda *a: made.append(a[:2]) or make(*a))
+        prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+        first = rt.generate(prompts, 12)
+        assert sorted(made) == [(2, 1), (2, 5)], made  # decode at bucket 2; the right-padded prefill
+        made.clear()
+        assert rt.generate(prompts, 12) == first
+        assert made == []
+
 def test_ragged_batch_equals_each_prompt_alone(engine16):
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4], [8, 8, 8]]
     with Runtime(engine16, device="cuda") as rt:
