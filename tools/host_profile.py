@@ -1,9 +1,10 @@
-"""Host-side costs of the GPU runtime (on the GPU machine): what a decode step and a prefill spend on the CPU.
+"""Host-side costs of the GPU runtime's decode (on the GPU machine).
 
     python3 tools/host_profile.py ENGINE [--batch 1]
 
-Prints the host time of one decode-graph launch, of one eager step's launches (per launch), of an empty kernel +
-event sync round trip, per-token time as generate() delivers it, and generate()'s top functions by own time."""
+Prints the host time of a decode-graph launch and of an eager decode step's launches, an event record + wait on an
+idle stream, per-token times as generate() delivers them, and generate()'s top functions by own time (a step that
+spends host time in planning or in Python shows there)."""
 import argparse
 import cProfile
 import pstats
@@ -32,9 +33,10 @@ def main() -> None:
             t1 = time.perf_counter()
             s.synchronize()
             t2 = time.perf_counter()
-            print(f"graph launch x{n}: host {1e3 * (t1 - t0) / n:.3f} ms each; until done {1e3 * (t2 - t0) / n:.3f} ms each")
+            print(f"graph launch x{n}: host {1e3 * (t1 - t0) / n:.3f} ms each; "
+                  f"until done {1e3 * (t2 - t0) / n:.3f} ms each")
         plan = e.plan(graph_b := next(b for b in sorted(rt.graphs) if b >= B), 1, None)
-        n_launch = len(getattr(plan, "launches", []))
+        n_launch = len(plan.launches)
         for _ in range(3):
             t0 = time.perf_counter()
             plan.run()

@@ -1,14 +1,18 @@
 """The MoE layer of the 350M-64E shapes at N tokens, for Nsight Compute (on the GPU machine): weights cold in DRAM
 (a 256 MB flush before each call), four calls.
 
-    ncu -k regex:expert_ --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section WarpStateStats --section Occupancy python3 tools/ncu_moe.py 8
+    ncu --clock-control none -k regex:expert_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy python3 tools/ncu_moe.py 8
 
-ncu locks the clocks to base (SM 1.4 GHz here), so its durations run longer than in a graph; its throughput
-percentages and stall figures are what it is for."""
+`--clock-control none` leaves the GPU's clocks alone (ncu's default locks them to base clock while it profiles).
+Kernels profiled one at a time run without their neighbours' overlap, so durations differ from a graph's; the
+throughput percentages and stall figures are what this is for."""
 import sys
+
 import torch
+
 from moetrt.plugins import launch
+
 E, h, f = 64, 1024, 4096
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 dt = torch.float16

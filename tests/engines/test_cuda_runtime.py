@@ -130,6 +130,7 @@ def test_generate_plans_each_step_shape_once(engine16, monkeypatch):
         assert rt.generate(prompts, 12) == first
         assert made == []
 
+
 def test_ragged_batch_equals_each_prompt_alone(engine16):
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [4], [8, 8, 8]]
     with Runtime(engine16, device="cuda") as rt:
