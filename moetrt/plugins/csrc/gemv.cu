@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   };
   // the writer's residual element, read before the products
   const float res = kEpi == kEpiResidual && writer ? to_float(epi.residual[int64_t(m_out) * N + n0 + r_out]) : 0.f;
-  mma_gemv_accumulate<T, kPre, MT>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t, stats);
+  mma_gemv_accumulate<T, kPre, MT, (M <= 8)>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t, stats);
   if constexpr (kEpi == kEpiFolded) {
 #pragma unroll
     for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
