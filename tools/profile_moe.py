@@ -1,5 +1,15 @@
-"""Per-kernel GPU times of the MoE launcher (torch.profiler), and a check of the 4096-token case against a
-torch float32 computation on the GPU. Diagnostic for tuning; not part of the test suite."""
+"""Per-kernel GPU times of the MoE launcher at the 350M-64E shapes (torch.profiler), and a check of each case
+against a torch float32 computation on the GPU. Diagnostic for tuning; not part of the test suite.
+
+    python3 tools/profile_moe.py            # 1, 8, 32, 512 and 4096 tokens
+    python3 tools/profile_moe.py --ncu 8    # 8 tokens only, four calls with the weights cold (a 256 MB write
+                                            # before each), no profiler of its own: for Nsight Compute, e.g.
+    ncu --clock-control none -k regex:expert_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        python3 tools/profile_moe.py --ncu 8
+
+`--clock-control none` leaves the GPU's clocks alone (ncu's default locks them to base clock while it profiles)."""
+import sys
 
 import torch
 
@@ -13,6 +23,19 @@ w1 = (torch.randn(E, f, h, device="cuda", generator=g) / h ** 0.5).to(dt)
 b1 = (0.1 * torch.randn(E, f, device="cuda", generator=g)).to(dt)
 w2 = (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).to(dt)
 b2 = (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)
+
+if sys.argv[1:2] == ["--ncu"]:
+    N = int(sys.argv[2])
+    x = torch.randn(N, h, device="cuda").to(dt)
+    out = torch.empty((N, h), device="cuda", dtype=dt)
+    ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(4):
+        flush.zero_()
+        launch.moe(x, wg, w1, b1, w2, b2, out, ws)
+    torch.cuda.synchronize()
+    print("experts hit", len(set(torch.argmax(x.float() @ wg.T, -1).tolist())))
+    sys.exit()
 
 for N in (1, 8, 32, 512, 4096):
     x = torch.randn(N, h, device="cuda").to(dt)
