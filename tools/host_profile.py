@@ -24,27 +24,24 @@ def main() -> None:
         e, s = rt.engine, rt.engine.stream
         prompts = np.random.default_rng(0).integers(0, rt.config.vocab_size, (B, 128)).tolist()
         rt.generate(prompts, 4)
-        graph = rt.graphs[next(b for b in sorted(rt.graphs) if b >= B)]
-        s.synchronize()
-        for n in (1, 20):
+        bucket = next(b for b in sorted(rt.graphs) if b >= B)
+        graph, plan = rt.graphs[bucket], e.plan(bucket, 1, None)
+
+        def timed(fn, n=1):  # ms of host time for n calls, and until the stream is done with them, each
+            s.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                graph.launch()
+                fn()
             t1 = time.perf_counter()
             s.synchronize()
-            t2 = time.perf_counter()
-            print(f"graph launch x{n}: host {1e3 * (t1 - t0) / n:.3f} ms each; "
-                  f"until done {1e3 * (t2 - t0) / n:.3f} ms each")
-        plan = e.plan(graph_b := next(b for b in sorted(rt.graphs) if b >= B), 1, None)
-        n_launch = len(plan.launches)
+            return 1e3 * (t1 - t0) / n, 1e3 * (time.perf_counter() - t0) / n
+        for n in (1, 20):
+            host, done = timed(graph.launch, n)
+            print(f"graph launch x{n}: host {host:.3f} ms each; until done {done:.3f} ms each")
         for _ in range(3):
-            t0 = time.perf_counter()
-            plan.run()
-            t1 = time.perf_counter()
-            s.synchronize()
-            t2 = time.perf_counter()
-            print(f"eager decode step (B={graph_b}, {n_launch} launches): host {1e3 * (t1 - t0):.3f} ms, until done "
-                  f"{1e3 * (t2 - t0):.3f} ms")
+            host, done = timed(plan.run)
+            print(f"eager decode step (B={bucket}, {len(plan.launches)} launches): host {host:.3f} ms, "
+                  f"until done {done:.3f} ms")
         ev = rt.token_event
         lat = []
         for _ in range(50):
