@@ -85,6 +85,14 @@ struct NoVisit {
   template <typename V>
   __device__ __forceinline__ void operator()(int, const V&) const {}
 };
+// acc += A rows g (a) and g + 8 (b) times weight vector wv: a lane's 8 consecutive elements as its (2t, 2t + 1,
+// 2t + 8, 2t + 9) of two k16 steps
+template <typename T>
+__device__ __forceinline__ void mma_gemv_vec(float (&acc)[4], const Vec<T>& a, const Vec<T>& b, const Vec<T>& wv) {
+  const uint32_t f0[4] = {a.raw.x, b.raw.x, a.raw.y, b.raw.y}, f1[4] = {a.raw.z, b.raw.z, a.raw.w, b.raw.w};
+  mma_16816<T>(acc, f0, wv.raw.x, wv.raw.y);
+  mma_16816<T>(acc, f1, wv.raw.z, wv.raw.w);
+}
 template <typename T, typename F = NoVisit>
 __device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&wv)[kMmaVecs], const T* x0,
                                                const T* x1, int c, int K, int t, const F& visit = F{}) {
@@ -104,9 +112,7 @@ __device__ __forceinline__ void mma_gemv_chunk(float (&acc)[4], const Vec<T> (&w
     } else {
       b.raw = make_uint4(0, 0, 0, 0);
     }
-    const uint32_t f0[4] = {a.raw.x, b.raw.x, a.raw.y, b.raw.y}, f1[4] = {a.raw.z, b.raw.z, a.raw.w, b.raw.w};
-    mma_16816<T>(acc, f0, wv[u].raw.x, wv[u].raw.y);
-    mma_16816<T>(acc, f1, wv[u].raw.z, wv[u].raw.w);
+    mma_gemv_vec<T>(acc, a, b, wv[u]);
   }
 }
 
@@ -143,7 +149,8 @@ __device__ __forceinline__ void mma_gemv_accumulate(float (&acc)[MT][4], const V
         else a[u].raw = make_uint4(0, 0, 0, 0);
       }
     };
-    Vec<T> xa[2][kMmaVecs];
+    Vec<T> xa[2][kMmaVecs], zero;
+    zero.raw = make_uint4(0, 0, 0, 0);
     load_x(xa[0], c0);
 #pragma unroll
     for (int i = 0; i < kPre; ++i) {
@@ -152,11 +159,8 @@ __device__ __forceinline__ void mma_gemv_accumulate(float (&acc)[MT][4], const V
       if (c >= chunks) continue;
 #pragma unroll
       for (int u = 0; u < kMmaVecs; ++u) {
-        const Vec<T>& a = xa[i & 1][u];
-        if (xr[0] && c * kMmaChunk + (t + 4 * u) * 8 < K) visit(0, a);
-        const uint32_t f0[4] = {a.raw.x, 0u, a.raw.y, 0u}, f1[4] = {a.raw.z, 0u, a.raw.w, 0u};
-        mma_16816<T>(acc[0], f0, pre[i][u].raw.x, pre[i][u].raw.y);
-        mma_16816<T>(acc[0], f1, pre[i][u].raw.z, pre[i][u].raw.w);
+        if (xr[0] && c * kMmaChunk + (t + 4 * u) * 8 < K) visit(0, xa[i & 1][u]);
+        mma_gemv_vec<T>(acc[0], xa[i & 1][u], zero, pre[i][u]);
       }
     }
   } else {
