@@ -53,6 +53,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   constexpr int N = Vec<T>::N, GROUP = D / N, KPP = kDecodeThreads / GROUP, PASSES = kChunk / KPP;
   constexpr int U = PASSES < 8 ? PASSES : 8;
   static_assert(GROUP <= 32 && (GROUP & (GROUP - 1)) == 0 && PASSES >= 1, "unsupported head_dim");
+  launch_dependents();  // at entry (common.cuh: programmatic dependent launch)
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int past = __ldcg(past_lengths + b);
   const int len = past + 1;

@@ -303,6 +303,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 32 && (!kLn || M <= 8) && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
   static_assert(!(kLn && kEpi != kEpiPlain), "the LayerNorm prologue has the plain epilogue");
+  if constexpr (M <= 8) launch_dependents();  // at entry (common.cuh: programmatic dependent launch)
   constexpr int MT = (M + 15) / 16;  // MMAs per weight fragment
   const int R = kLn ? M : rows;
   extern __shared__ __align__(16) unsigned char smem[];
