@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   // A chunk past this sequence's keys leaves at once rather than holding its slot until the wait is over
   // (H100, 350M decode graph at batch 1: 0.6126 against 0.6160 ms; docs/performance.md).
   if (start >= len) return;
-  enter_after_predecessor();
+  dependency_wait();  // its dependents were launched at entry
   const int splits = (len + kChunk - 1) / kChunk;
   const T* q = qkv + int64_t(b) * 3 * heads * D + int64_t(h) * 3 * D;
   __shared__ float score[kChunk];

@@ -325,7 +325,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv
   const float colsum_v = kEpi == kEpiFolded && writer ? epi.colsum[n0 + r_out] : 0.f;
   T* xs = reinterpret_cast<T*>(smem);  // kLn: the normalised rows [M][K], then gamma [K] and beta [K]
   if constexpr (kLn) load_layernorm_weights<T, M>(ln, xs, K);
-  enter_after_predecessor();
+  if constexpr (M <= 8) dependency_wait();  // its dependents were launched at entry
+  else enter_after_predecessor();
   if constexpr (kLn) x = layernorm_rows<T, M>(ln, xs, K, scratch);
   float acc[MT][4] = {};
   const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
