@@ -246,7 +246,7 @@ inline int sm_count() {
 // weights) while they wait: attention decode and the tensor-core GEMV of at most 8 rows (H100, first 8 layers of
 // the 350M decode graphs, three alternating rounds, batch 1 / 2 / 4 / 8 / 16 / 32: 0.1912 / 0.2199 / 0.2823 /
 // 0.3501 / 0.4878 / 0.7055 ms against 0.1973 / 0.2239 / 0.2857 / 0.3547 / 0.4882 / 0.7049; the same in every GEMV
-// lost 1.2% at batch 1, in AddLayerNorm 0.6% at 32, in the MoE FC2s 1.5% at 1). Every other kernel of ours
+// lost 1.2% at batch 1, in AddLayerNorm 0.7% at 32, in the MoE FC2s 1.5% at 1). Every other kernel of ours
 // triggers only after its own wait returned, so in a chain of our kernels every kernel two or more back has
 // completed by the time a kernel starts, unless the kernel right before it is one of those two: a kernel may read
 // before its wait what kernels two or more back wrote (the MoE's FC2s, after FC1, read the gate logits or the
