@@ -3,9 +3,10 @@
 Steps: the host writes a step's token ids, positions, past lengths and wanted logit rows into pinned memory,
 copies them to the device staging buffers, enqueues the step's launch plan (decode steps as the replay of a
 CUDA graph captured once per batch-size bucket), samples on the GPU, and reads back one int32 per sequence.
-`generate` keeps the GPU one decode step ahead of the host: the sampled tokens are copied on the device into the
-next step's inputs, and that step is enqueued before the host reads them (a step enqueued after the last needed
-one is discarded).
+`generate` keeps the GPU one decode step ahead of the host: the sampling kernel writes the tokens into the next
+step's inputs and moves its positions and past lengths on (and writes the tokens to pinned host memory), and that
+step is enqueued before the host reads them (a step enqueued after the last needed one is discarded); between two
+decode graphs runs the sampling kernel alone.
 Prompts are prefilled together, right-padded (as the CPU runtime); only the last real position of each prompt
 goes through the LM head. A prefill longer than the runtime's token budget is run in chunks.
 """
@@ -74,10 +75,10 @@ class CudaRuntime(Closing):
             self.pinned = cuda.PinnedBuffer(e.staging.nbytes + e.max_rows * e.vocab * 4)
             self.host = {name: self.pinned.array[off:].view(np.int32) for name, off in e.staging_offsets.items()}
             self.host_logits_off = e.staging.nbytes
-            # decode steps' positions, past lengths and logit rows, in two slots: a slot is rewritten only after
-            # the tokens sampled behind its last copies have been read, so no copy from it is still pending
-            self.step_pinned = cuda.PinnedBuffer(2 * 3 * 4 * e.max_batch)
-            self.step_host = self.step_pinned.array.view(np.int32).reshape(2, 3, e.max_batch)
+            # the first decode step's positions, past lengths and logit rows (generate() ends synchronised, so
+            # no copy from here is pending when the next call rewrites them)
+            self.step_pinned = cuda.PinnedBuffer(3 * 4 * e.max_batch)
+            self.step_host = self.step_pinned.array.view(np.int32).reshape(3, e.max_batch)
             self.token_event = cuda.Event()
             self.closed = False
         except BaseException:
@@ -124,17 +125,20 @@ class CudaRuntime(Closing):
             self.graphs[B] = cuda.Graph(self.engine.stream, plan.run)
         return plan
 
-    def _enqueue_decode(self, B: int, bucket: int, past: np.ndarray, slot: int, first: bool):
-        """Enqueue the decode step after the last sampling: its token ids are the sampled tokens, copied on the
-        device (padding rows read token 0); positions, past lengths and rows come from pinned slot ``slot``."""
+    def _enqueue_decode(self, B: int, bucket: int, past: np.ndarray | None = None):
+        """Enqueue a decode step after the last sampling. With ``past`` (the first step after a prefill) its token
+        ids are the sampled tokens, copied on the device (padding rows read token 0), and its positions, past
+        lengths and logit rows come from pinned memory; without, the sampling kernel has set up ids, positions
+        and past lengths on the device (``_sample_enqueue(advance=True)``) and the rows are still in place."""
         e, s = self.engine, self.engine.stream
         plan = e.plan(bucket, 1, None)
-        host = self.step_host[slot]
+        if past is None:
+            return self._run(plan, bucket, decode=True)
+        host = self.step_host
         host[:2, :bucket] = 0
         host[:2, :B] = past  # one new token a sequence: its position is the past length
         base, off = e.staging.ptr, e.staging_offsets
-        if first:
-            s.memset(base + off["input_ids"], 0, 4 * bucket)
+        s.memset(base + off["input_ids"], 0, 4 * bucket)
         s.copy_on_device(base + off["input_ids"], base + off["tokens"], 4 * B)
         names = ["position_ids", "past_lengths"]
         if plan.default_rows is not None:
@@ -142,7 +146,7 @@ class CudaRuntime(Closing):
             names.append("rows")
         for k, name in enumerate(names):
             n = bucket if name != "rows" else len(plan.default_rows)
-            s.copy_to_device(base + off[name], self.step_pinned.ptr + 4 * (slot * 3 + k) * e.max_batch, 4 * n)
+            s.copy_to_device(base + off[name], self.step_pinned.ptr + 4 * k * e.max_batch, 4 * n)
         return self._run(plan, bucket, decode=True)
 
     def _read_logits(self, view: cuda.View) -> np.ndarray:
@@ -154,15 +158,18 @@ class CudaRuntime(Closing):
         return raw.view(_NP[view.dtype]).reshape(view.shape).astype(np.float32)
 
     def _sample_enqueue(self, logits: cuda.View, temperature: float, top_k: int, top_p: float, seed: int,
-                        step: int) -> None:
-        """Sample one token a row of ``logits`` into the device staging ``tokens`` and start their copy to the
-        host; ``_sampled`` waits for them."""
+                        step: int, advance: bool = False) -> None:
+        """Sample one token a row of ``logits`` into the device staging ``tokens`` and the pinned host mirror
+        (written by the kernel); ``_sampled`` waits for them. ``advance``: also make them the next decode step's
+        token ids and move its positions and past lengths on by one, on the device (no copies between the
+        sampling and the next graph)."""
         e = self.engine
         B = logits.shape[0]
         tokens = e.staging_view("tokens", (B,))
-        launch.sample(logits, tokens, temperature, top_k, top_p, seed, step, stream=e.stream.ptr)
-        off = e.staging_offsets["tokens"]
-        e.stream.copy_to_host(self.pinned.ptr + off, tokens.ptr, 4 * B)
+        host_tokens = self.pinned.ptr + e.staging_offsets["tokens"]
+        nxt = tuple(e.staging_view(n, (B,)) for n in ("input_ids", "position_ids", "past_lengths")) if advance else None
+        launch.sample(logits, tokens, temperature, top_k, top_p, seed, step, stream=e.stream.ptr, next_inputs=nxt,
+                      host_tokens=host_tokens)
         self.token_event.record(e.stream)
 
     def _sampled(self, B: int) -> np.ndarray:
@@ -256,23 +263,21 @@ class CudaRuntime(Closing):
             self.engine.stream.copy_to_device(dev.ptr, host.ctypes.data, host.nbytes)
             logits = dev
         streams = Streams(B, stop_tokens, callback)
-        past = lengths.copy()
         try:
             self._sample_enqueue(logits, temperature, top_k, top_p, seed, 0)
             for step in range(max_new_tokens):
                 last = step == max_new_tokens - 1
                 if not last:  # the next step goes to the GPU before the host looks at this one's tokens
-                    plan = self._enqueue_decode(B, bucket, past, (step + 1) % 2, first=step == 0)
-                    past = past + 1
+                    plan = self._enqueue_decode(B, bucket, lengths if step == 0 else None)
                 if streams.emit(step, self._sampled(B).tolist()) or last:
                     break
                 logits = cuda.View(plan.logits.ptr, (B, self.vocab), plan.logits.dtype)  # the bucket's first B rows
-                self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1)
+                self._sample_enqueue(logits, temperature, top_k, top_p, seed, step + 1, advance=True)
         except BaseException:  # a callback's exception, say: the one to report, after the step enqueued ahead
             with contextlib.suppress(MoetrtError):
                 self.engine.stream.synchronize()
             raise
-        self.engine.stream.synchronize()  # a step enqueued ahead of a stop still reads its pinned slot
+        self.engine.stream.synchronize()  # a step enqueued ahead of a stop may still be running
         return streams.outputs
 
     def tune(self, prefill_tokens=(128, 512), progress=None) -> dict:

@@ -34,6 +34,8 @@ _SIGNATURES = {
     "moetrt_gemv_folded": [_P] * 5 + [_I64] * 3 + [_F32, _I32, _I32, _P],
     "moetrt_fold_layernorm": [_P] * 7 + [_I64, _I64, _I32, _P],
     "moetrt_sample": [_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32, _P],
+    "moetrt_sample_advance": ([_P, _P, _I32, _I64, _F32, _I32, _F32, ctypes.c_uint64, ctypes.c_uint64, _I32]
+                              + [_P] * 5),
 }
 
 
@@ -334,19 +336,37 @@ def gather_rows(src, rows, dst, stream: int = 0, defer: bool = False):
 
 
 def sample(logits, out_tokens, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-           step: int = 0, stream: int = 0, defer: bool = False):
-    """One token per row of ``logits [B, V]`` into int32 ``out_tokens [B]`` (greedy when temperature is 0)."""
+           step: int = 0, stream: int = 0, defer: bool = False, next_inputs=None, host_tokens: int = 0):
+    """One token per row of ``logits [B, V]`` into int32 ``out_tokens [B]`` (greedy when temperature is 0).
+
+    ``next_inputs``: the next decode step's ``(input_ids, position_ids, past_lengths)``, int32 device arrays of B
+    rows: row b's token goes to ``input_ids[b]``, and its past length and position both become its past length
+    + 1. ``host_tokens``: the address of B int32 of pinned host memory (``cudaMallocHost``) the tokens are also
+    written to, readable once the kernel is done."""
     x, o = DeviceArray.of(logits, "logits"), DeviceArray.of(out_tokens, "out_tokens")
     if len(x.shape) != 2:
         raise KernelError(f"logits: expected [batch, vocab], got {x.shape}")
     _expect(x, "logits", x.shape, _float_dtypes())
-    _expect(o, "out_tokens", (x.shape[0],), ("int32",))
+    B = x.shape[0]
+    _expect(o, "out_tokens", (B,), ("int32",))
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise KernelError(f"sample: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, "
                           f"{top_k}, {top_p}")
     mask = (1 << 64) - 1
-    return _launch("moetrt_sample", (x.ptr, o.ptr, x.shape[0], x.shape[1], temperature, top_k, top_p,
-                                     seed & mask, step & mask, DTYPE_CODES[x.dtype], stream), "sample", defer)
+    args = (x.ptr, o.ptr, B, x.shape[1], temperature, top_k, top_p, seed & mask, step & mask, DTYPE_CODES[x.dtype])
+    if next_inputs is None and not host_tokens:
+        return _launch("moetrt_sample", args + (stream,), "sample", defer)
+    nxt = [0, 0, 0]
+    if next_inputs is not None:
+        if len(next_inputs) != 3:
+            raise KernelError("sample: next_inputs must be (input_ids, position_ids, past_lengths)")
+        for k, (arr, name) in enumerate(zip(next_inputs, ("input_ids", "position_ids", "past_lengths"))):
+            a = DeviceArray.of(arr, name)
+            _expect(a, name, (B,), ("int32",))
+            nxt[k] = a.ptr
+    if host_tokens % 4:
+        raise KernelError(f"host_tokens: address {host_tokens:#x} is not 4-byte aligned")
+    return _launch("moetrt_sample_advance", args + tuple(nxt) + (host_tokens, stream), "sample", defer)
 
 
 GEMV_MAX_ROWS = 32  # fp16/bf16 (tensor cores from 2 rows); fp32: GEMV_MAX_ROWS_FP32

@@ -204,6 +204,37 @@ def test_sample_kernel_distribution():
     assert set(cupy.asnumpy(out)) == {int(np.argmax(logits))}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_sample_advance_sets_up_the_next_step(dtype, temperature):
+    """moetrt_sample_advance: the same tokens as moetrt_sample, also in the next step's input ids and in pinned host
+    memory, with past lengths and positions one further."""
+    cupy = pytest.importorskip("cupy")
+    from moetrt.plugins import launch
+    rng = np.random.default_rng()
+    B, V = 5, 3000
+    x = cupy.asarray(rng.standard_normal((B, V)).astype(dtype))
+    want = cupy.zeros(B, dtype=cupy.int32)
+    launch.sample(x, want, temperature=temperature, top_p=0.95, seed=7, step=3)
+    past = rng.integers(1, 100, B).astype(np.int32)
+    ids, pos, lens = (cupy.full(B, -1, dtype=cupy.int32), cupy.full(B, -1, dtype=cupy.int32), cupy.asarray(past))
+    pinned = cupy.cuda.alloc_pinned_memory(4 * B)
+    host = np.frombuffer(pinned, np.int32, B)
+    host[:] = -1
+    out = cupy.zeros(B, dtype=cupy.int32)
+    launch.sample(x, out, temperature=temperature, top_p=0.95, seed=7, step=3, next_inputs=(ids, pos, lens),
+                  host_tokens=pinned.ptr)
+    cupy.cuda.Device().synchronize()
+    tokens = cupy.asnumpy(want)
+    np.testing.assert_array_equal(cupy.asnumpy(out), tokens)
+    np.testing.assert_array_equal(host, tokens)
+    np.testing.assert_array_equal(cupy.asnumpy(ids), tokens)
+    np.testing.assert_array_equal(cupy.asnumpy(lens), past + 1)
+    np.testing.assert_array_equal(cupy.asnumpy(pos), past + 1)
+    with pytest.raises(Exception, match="input_ids"):
+        launch.sample(x, out, next_inputs=(ids[:2], pos, lens))
+
+
 def test_bad_input_is_refused_and_the_runtime_stays_usable(engine32):
     with Runtime(engine32, device="cuda") as rt:
         good = rt.generate([[1, 2]], 4)

@@ -93,6 +93,14 @@ MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* ds
 // top_k 1 is greedy; top_k 0 and top_p 1 are off; (seed, step, row) seed the row's random number.
 MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch, int64_t vocab, float temperature,
                              int top_k, float top_p, uint64_t seed, uint64_t step, int dtype, cudaStream_t stream);
+// moetrt_sample that also sets up the next decode step: with input_ids (then position_ids and past_lengths too, all
+// [batch] int32 on the device), row b's token goes to input_ids[b] and past_lengths[b] and position_ids[b] both
+// become past_lengths[b] + 1; with host_tokens (pinned host memory, device-accessible under unified addressing)
+// the tokens go there as well, readable once the kernel has completed. Either may be NULL.
+MOETRT_API int moetrt_sample_advance(const void* logits, int32_t* out_tokens, int batch, int64_t vocab,
+                                     float temperature, int top_k, float top_p, uint64_t seed, uint64_t step, int dtype,
+                                     int32_t* input_ids, int32_t* position_ids, int32_t* past_lengths,
+                                     int32_t* host_tokens, cudaStream_t stream);
 
 // y[m, :] = act(x[m, :] @ weight^T + bias) for m < rows <= 8; x [rows, k], weight [n, k] (out, in), bias [n] or
 // NULL, y [rows, n]; activation as above (2 = none). k % (16 / sizeof(T)) == 0. For decode-sized GEMMs.

@@ -49,10 +49,28 @@ __device__ __forceinline__ unsigned block_count(unsigned v, unsigned* scratch) {
   return v;
 }
 
+// Where a row's token goes besides `out`: with input_ids, the next decode step's inputs (its token id, and its past
+// length and position one further, in place); with host_tokens, mapped pinned memory the host reads once the
+// kernel is done. Saves a decode step the copies between the sampling and the next graph (moetrt_sample_advance).
+struct Advance {
+  int32_t *input_ids, *position_ids, *past_lengths, *host_tokens;
+};
+__device__ __forceinline__ void emit_token(int32_t* out, const Advance& a, int32_t token) {
+  const int b = blockIdx.x;
+  out[b] = token;
+  if (a.host_tokens) a.host_tokens[b] = token;
+  if (a.input_ids) {
+    a.input_ids[b] = token;
+    const int32_t past = a.past_lengths[b] + 1;
+    a.past_lengths[b] = past;
+    a.position_ids[b] = past;  // one new token a sequence: its position is the past length
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ logits, int32_t* __restrict__ out,
                                                           int64_t vocab, float inv_temperature, int top_k,
-                                                          float top_p, uint64_t seed, uint64_t step) {
+                                                          float top_p, uint64_t seed, uint64_t step, Advance adv) {
   __shared__ float fscratch[32];
   __shared__ unsigned uscratch[32];
   __shared__ float chunk_prefix[kThreads];
@@ -79,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     if (tid == 0) {
       int64_t r = imin[0];
       for (int w = 1; w < kThreads / 32; ++w) r = min(r, imin[w]);
-      out[blockIdx.x] = static_cast<int32_t>(r);
+      emit_token(out, adv, static_cast<int32_t>(r));
     }
     return;
   }
@@ -169,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     }
     __syncthreads();
   }
-  if (tid == 0) out[blockIdx.x] = static_cast<int32_t>(picked);
+  if (tid == 0) emit_token(out, adv, static_cast<int32_t>(picked));
 }
 
 }  // namespace
@@ -185,16 +203,25 @@ MOETRT_API int moetrt_gather_rows(const void* src, const int32_t* rows, void* ds
   })
 }
 
-MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch, int64_t vocab, float temperature,
-                             int top_k, float top_p, uint64_t seed, uint64_t step, int dtype, cudaStream_t stream) {
+MOETRT_API int moetrt_sample_advance(const void* logits, int32_t* out_tokens, int batch, int64_t vocab,
+                                     float temperature, int top_k, float top_p, uint64_t seed, uint64_t step, int dtype,
+                                     int32_t* input_ids, int32_t* position_ids, int32_t* past_lengths,
+                                     int32_t* host_tokens, cudaStream_t stream) {
   if (batch < 0 || vocab <= 0 || vocab > 0x7fffffff || top_k < 0 || !(top_p > 0.f && top_p <= 1.f) ||
-      temperature < 0.f)
+      temperature < 0.f || (input_ids && (!position_ids || !past_lengths)))
     return MOETRT_ERR_BAD_SHAPE;
   if (batch == 0) return 0;
   const float inv_t = temperature > 0.f ? 1.f / temperature : 0.f;
+  const Advance adv{input_ids, position_ids, past_lengths, host_tokens};
   MOETRT_DISPATCH_DTYPE(dtype, T, {
     launch(sample_kernel<T>, batch, kThreads, 0, stream, static_cast<const T*>(logits), out_tokens, vocab, inv_t,
-           top_k, top_p, seed, step);
+           top_k, top_p, seed, step, adv);
     return launch_status();
   })
+}
+
+MOETRT_API int moetrt_sample(const void* logits, int32_t* out_tokens, int batch, int64_t vocab, float temperature,
+                             int top_k, float top_p, uint64_t seed, uint64_t step, int dtype, cudaStream_t stream) {
+  return moetrt_sample_advance(logits, out_tokens, batch, vocab, temperature, top_k, top_p, seed, step, dtype, nullptr,
+                               nullptr, nullptr, nullptr, stream);
 }
