@@ -14,7 +14,7 @@ import torch
 from moetrt.compiler.pipeline import compile
 from moetrt.engines.program import analyze
 from moetrt.engines.runtime import Runtime
-from moetrt.errors import MoetrtError
+from moetrt.errors import KernelError, MoetrtError
 from moetrt.models import load
 
 pytestmark = pytest.mark.gpu
@@ -226,12 +226,14 @@ def test_sample_advance_sets_up_the_next_step(dtype, temperature):
                   host_tokens=pinned.ptr)
     cupy.cuda.Device().synchronize()
     tokens = cupy.asnumpy(want)
+    if temperature == 0:  # greedy: the lowest index of each row's maximum, as numpy's argmax
+        np.testing.assert_array_equal(tokens, np.argmax(cupy.asnumpy(x), axis=-1))
     np.testing.assert_array_equal(cupy.asnumpy(out), tokens)
     np.testing.assert_array_equal(host, tokens)
     np.testing.assert_array_equal(cupy.asnumpy(ids), tokens)
     np.testing.assert_array_equal(cupy.asnumpy(lens), past + 1)
     np.testing.assert_array_equal(cupy.asnumpy(pos), past + 1)
-    with pytest.raises(Exception, match="input_ids"):
+    with pytest.raises(KernelError, match="input_ids"):
         launch.sample(x, out, next_inputs=(ids[:2], pos, lens))
 
 
