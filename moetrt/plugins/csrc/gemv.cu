@@ -289,17 +289,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #endif
 constexpr int kMmaMinRows = MOETRT_GEMV_MMA_MIN_ROWS;
 
-// Blocks an SM is sized for (registers): 4 (1 chunk in registers), 2 (4 chunks), fewer past 16 rows.
-constexpr int mma_min_blocks(int M, int kPre) { return kPre == 1 ? (M > 16 ? 3 : 4) : (M > 16 ? 1 : 2); }
+// Blocks an SM is sized for (registers): 4 (1 chunk in registers), 2 (4 chunks), fewer past 16 rows. Past 16 rows
+// with one chunk, 3 blocks an SM (80 registers, a few spilled) only where that makes the grid one wave (the 350M
+// QKV's 384 blocks); else 2 (up to 128 registers). H100, alone at 24 / 32 rows (us): QKV 5.3-5.5 / 5.8 with 3 against
+// 6.1-6.5 / 7.1 with 2; the 1024 x 1024 out projection 3.5 / 3.6 against 3.0 / 2.8-3.0; FC1 4096 x 1024
+// 8.1 / 9.8-10.2 against 6.8-7.1 / 7.6-7.9 (tools/gemv_ab.py).
+constexpr int mma_min_blocks(int M, int kPre) { return kPre == 1 ? (M > 16 ? 2 : 4) : (M > 16 ? 1 : 2); }
 
-template <typename T, int M, bool kLn, int kPre, int kEpi = kEpiPlain>
-__global__ void __launch_bounds__(kGemvWarps * 32, mma_min_blocks(M, kPre)) gemv_mma_kernel(const T* __restrict__ x,
-                                                                                     const T* __restrict__ w,
-                                                                                     const T* __restrict__ bias,
-                                                                                     T* __restrict__ y, int rows,
-                                                                                     int N, int K, int act,
-                                                                                     bool prefetch, AddLn<T> ln,
-                                                                                     GemvEpi<T> epi) {
+template <typename T, int M, bool kLn, int kPre, int kEpi = kEpiPlain, int kMinBlocks = 0>  // 0: mma_min_blocks
+__global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma_min_blocks(M, kPre))
+    gemv_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ y,
+                    int rows, int N, int K, int act, bool prefetch, AddLn<T> ln, GemvEpi<T> epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 32 && (!kLn || M <= 8) && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
   static_assert(!(kLn && kEpi != kEpiPlain), "the LayerNorm prologue has the plain epilogue");
@@ -401,12 +401,13 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
                 cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
   const bool prefetch = prefetch_weights<T>(N, K);
-  if (K > kMmaChunk * kGemvWarps)
-    launch(gemv_mma_kernel<T, M, false, 4, kEpi>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
-           prefetch, AddLn<T>{}, epi);
-  else
-    launch(gemv_mma_kernel<T, M, false, 1, kEpi>, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act,
-           prefetch, AddLn<T>{}, epi);
+  auto kernel = K > kMmaChunk * kGemvWarps ? gemv_mma_kernel<T, M, false, 4, kEpi>
+                                            : gemv_mma_kernel<T, M, false, 1, kEpi>;
+  if constexpr (M > 16) {  // one wave at 3 blocks an SM, not at 2 (mma_min_blocks)
+    if (K <= kMmaChunk * kGemvWarps && blocks > 2u * sm_count() && blocks <= 3u * sm_count())
+      kernel = gemv_mma_kernel<T, M, false, 1, kEpi, 3>;
+  }
+  launch(kernel, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act, prefetch, AddLn<T>{}, epi);
 }
 
 template <typename T, int M, int kEpi>
