@@ -6,9 +6,7 @@ Per library (each in its own process, MOETRT_KERNELS_LIB): qkv 3072 x 1024, out 
 GeLU) and fc2 1024 x 4096 at each row count, timed as `moetrt bench kernels` times them (CUDA-graph replays of 8
 calls over 8 weight sets, so that the weights come from DRAM), and F.linear beside them once. Also checks each
 output against F.linear in fp32 (max abs error). A kernel-level A/B only: check a winner in an engine."""
-import json
 import os
-import subprocess
 import sys
 
 SHAPES = (("qkv", 3072, 1024, "none"), ("out", 1024, 1024, "none"), ("fc1", 4096, 1024, "gelu_tanh"),
@@ -38,20 +36,12 @@ def child(rows):
             lin = 1e3 * time_ms(lambda i: F.linear(xs[i], ws[i], bias))
             res[f"{name} {M}x{N}x{K}"] = {"us": us, "err": err, "linear_us": lin}
         del ws
-    print("RESULT " + json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--child":
-        child(tuple(int(n) for n in os.environ.get("GEMV_AB_ROWS", "8,16,32").split(",")))
-        sys.exit(0)
-    for lib in sys.argv[1:]:
-        env = dict(os.environ, MOETRT_KERNELS_LIB=os.path.abspath(lib))
-        p = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(lib, "FAILED", p.stderr[-2000:])
-            continue
-        for key, r in json.loads(line[0][7:]).items():
-            print(f"{os.path.basename(lib):28s} {key:22s} {r['us']:7.2f} us  (F.linear {r['linear_us']:6.2f})  "
-                  f"max err {r['err']:.3g}")
+    from lib_ab import main
+    rows = tuple(int(n) for n in os.environ.get("GEMV_AB_ROWS", "8,16,32").split(","))
+    for lib, result in main(__file__, lambda: child(rows), sys.argv[1:], __doc__):
+        for key, r in (result or {}).items():
+            print(f"{lib:28s} {key:22s} {r['us']:7.2f} us  (F.linear {r['linear_us']:6.2f})  max err {r['err']:.3g}")

@@ -7,9 +7,7 @@ tokens (or MOE_AB_TOKENS), timed as `moetrt bench kernels` times it (CUDA-graph 
 without programmatic launch. A kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before
 landing it: a one-kernel MoE that won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step
 (docs/performance.md)."""
-import json
 import os
-import subprocess
 import sys
 
 
@@ -27,19 +25,12 @@ def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
         ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")
         call = lambda i: launch.moe(xs[i], *layers[i], out, ws, stream=torch.cuda.current_stream().cuda_stream)  # noqa
         res[N] = {"us": 1e3 * time_ms(call), "us_no_pdl": 1e3 * time_ms_without_pdl(call)}
-    print("RESULT " + json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--child":
-        child(tuple(int(n) for n in os.environ.get("MOE_AB_TOKENS", "1,8,16").split(",")))
-        sys.exit(0)
-    for lib in sys.argv[1:]:
-        env = dict(os.environ, MOETRT_KERNELS_LIB=os.path.abspath(lib))
-        p = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(lib, "FAILED", p.stderr[-2000:])
-            continue
-        for N, r in json.loads(line[0][7:]).items():
-            print(f"{os.path.basename(lib):28s} N={N:>3} {r['us']:7.1f} us  (no PDL {r['us_no_pdl']:7.1f})")
+    from lib_ab import main
+    tokens = tuple(int(n) for n in os.environ.get("MOE_AB_TOKENS", "1,8,16").split(","))
+    for lib, result in main(__file__, lambda: child(tokens), sys.argv[1:], __doc__):
+        for N, r in (result or {}).items():
+            print(f"{lib:28s} N={N:>3} {r['us']:7.1f} us  (no PDL {r['us_no_pdl']:7.1f})")
