@@ -6,8 +6,6 @@ Per library (each in its own process, MOETRT_KERNELS_LIB): qkv 3072 x 1024, out 
 GeLU) and fc2 1024 x 4096 at each row count, timed as `moetrt bench kernels` times them (CUDA-graph replays of 8
 calls over 8 weight sets, so that the weights come from DRAM), and F.linear beside them once. Also checks each
 output against F.linear in fp32 (max abs error). A kernel-level A/B only: check a winner in an engine."""
-import os
-import sys
 
 SHAPES = (("qkv", 3072, 1024, "none"), ("out", 1024, 1024, "none"), ("fc1", 4096, 1024, "gelu_tanh"),
           ("fc2", 1024, 4096, "none"))
@@ -41,7 +39,6 @@ def child(rows):
 
 if __name__ == "__main__":
     from lib_ab import main
-    rows = tuple(int(n) for n in os.environ.get("GEMV_AB_ROWS", "8,16,32").split(","))
-    for lib, result in main(__file__, lambda: child(rows), sys.argv[1:], __doc__):
+    for lib, result in main(__file__, child, "GEMV_AB_ROWS", "8,16,32", __doc__):
         for key, r in (result or {}).items():
             print(f"{lib:28s} {key:22s} {r['us']:7.2f} us  (F.linear {r['linear_us']:6.2f})  max err {r['err']:.3g}")

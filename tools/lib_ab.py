@@ -6,13 +6,16 @@ import subprocess
 import sys
 
 
-def main(script: str, child, args: list[str], doc: str):
-    """``script --child`` runs ``child()``; ``script LIB ...`` yields (library name, result) per library, the
-    result None (its stderr printed) where the child failed."""
+def main(script: str, child, sizes_var: str, default_sizes: str, doc: str):
+    """The command line of ``script``: with --child, runs ``child(sizes)`` (the comma-separated integers of the
+    environment variable ``sizes_var``, else ``default_sizes``); with LIB ..., yields (library name, result) per
+    library, the result None (its stderr printed) where the child failed; with nothing, shows ``doc``."""
+    args = sys.argv[1:]
     if not args:
         sys.exit(doc)
     if args[0] == "--child":
-        print("RESULT " + json.dumps(child()))
+        sizes = tuple(int(n) for n in os.environ.get(sizes_var, default_sizes).split(","))
+        print("RESULT " + json.dumps(child(sizes)))
         sys.exit(0)
     for lib in args:
         env = dict(os.environ, MOETRT_KERNELS_LIB=os.path.abspath(lib))

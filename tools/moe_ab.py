@@ -7,8 +7,6 @@ tokens (or MOE_AB_TOKENS), timed as `moetrt bench kernels` times it (CUDA-graph 
 without programmatic launch. A kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before
 landing it: a one-kernel MoE that won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step
 (docs/performance.md)."""
-import os
-import sys
 
 
 def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
@@ -30,7 +28,6 @@ def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
 
 if __name__ == "__main__":
     from lib_ab import main
-    tokens = tuple(int(n) for n in os.environ.get("MOE_AB_TOKENS", "1,8,16").split(","))
-    for lib, result in main(__file__, lambda: child(tokens), sys.argv[1:], __doc__):
+    for lib, result in main(__file__, child, "MOE_AB_TOKENS", "1,8,16", __doc__):
         for N, r in (result or {}).items():
             print(f"{lib:28s} N={N:>3} {r['us']:7.1f} us  (no PDL {r['us_no_pdl']:7.1f})")
