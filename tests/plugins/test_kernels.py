@@ -300,6 +300,75 @@ def test_attention_prefill(dtype, past, tokens, head_dim):
 
 # -- MoE ---------------------------------------------------------------------------------------------
 
+def run_attention_proj(dtype, past, heads, head_dim, max_batch, max_seq, rows, with_bias=True, ws=None):
+    """attention_proj against the float64 reference of attention then the projection: without the residual
+    within the bound (the context stays in fp32, one rounding of the output); with it, bit for bit that output
+    added to the residual as gemv_residual adds it, also in place; the cache as attention writes it."""
+    dt = DTYPES[dtype]
+    B, h = len(past), heads * head_dim
+    qkv = torch.randn(B, 1, 3 * h, device="cuda").to(dt)
+    cache = torch.randn(2, max_batch, heads, max_seq, head_dim, device="cuda").to(dt)  # garbage beyond past
+    before = cpu(cache)
+    past_t = torch.tensor(past, dtype=torch.int32, device="cuda")
+    w = (torch.randn(rows, h, device="cuda") / h ** 0.5).to(dt)
+    b = torch.randn(rows, device="cuda").to(dt) if with_bias else None
+    res = torch.randn(B, rows, device="cuda").to(dt)
+    if ws is None:
+        ws = torch.zeros(launch.attention_proj_workspace_size(max_batch, heads, rows), dtype=torch.uint8,
+                         device="cuda")
+    alone, y = poisoned((B, rows), dt), poisoned((B, rows), dt)
+    launch.attention_proj(qkv, cache, past_t, w, b, None, alone, heads, ws)
+    torch.cuda.synchronize()
+    ctx, ref_cache = attention_reference(cpu(qkv), before, np.array(past), heads)
+    ref = ctx.reshape(B, h) @ cpu(w).T + (cpu(b) if with_bias else 0.0)
+    assert rel_err(alone, ref) < BOUND[dtype]
+    np.testing.assert_array_equal(cpu(cache), ref_cache.astype(np.float64))  # only the new slots changed
+    launch.attention_proj(qkv, cache, past_t, w, b, res, y, heads, ws)
+    inplace = res.clone()
+    launch.attention_proj(qkv, cache, past_t, w, b, inplace, inplace, heads, ws)
+    torch.cuda.synchronize()
+    want = (res.float() + alone.float()).to(dt)
+    assert torch.equal(y, want) and torch.equal(inplace, want)
+    counters = ws[:max_batch * 64 * 4].view(torch.int32)  # the workspace starts with the (b, row group) counters
+    assert not counters.any(), "counters must be left at zero"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("past", [[0], [127], [300], [1023], [5, 300], [17, 256, 0, 700]])
+def test_attention_proj(dtype, past):
+    run_attention_proj(dtype, past, heads=16, head_dim=64, max_batch=4, max_seq=1024, rows=1024)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("head_dim, heads, rows", [(128, 4, 512), (32, 8, 256), (64, 2, 4096)])
+def test_attention_proj_shapes(dtype, head_dim, heads, rows):
+    """Other head sizes, rows other than the hidden size (a projection wider than h), no bias, and one
+    workspace over calls of batch 1, 3, 2 (the counters reset themselves)."""
+    ws = torch.zeros(launch.attention_proj_workspace_size(3, heads, rows), dtype=torch.uint8, device="cuda")
+    for past in ([40], [600, 3, 255], [256, 1]):
+        run_attention_proj(dtype, past, heads, head_dim, max_batch=3, max_seq=1024, rows=rows,
+                           with_bias=len(past) != 3, ws=ws)
+
+
+def test_attention_proj_refuses_what_it_cannot_do():
+    dt, H, D = torch.float16, 4, 64
+    qkv = torch.zeros(1, 1, 3 * H * D, dtype=dt, device="cuda")
+    cache = torch.zeros(2, 1, H, 64, D, dtype=dt, device="cuda")
+    past = torch.zeros(1, dtype=torch.int32, device="cuda")
+    w = torch.zeros(256, H * D, dtype=dt, device="cuda")
+    out = torch.zeros(1, 256, dtype=dt, device="cuda")
+    ws = torch.zeros(launch.attention_proj_workspace_size(1, H, 256), dtype=torch.uint8, device="cuda")
+    with pytest.raises(KernelError, match="decode only"):
+        launch.attention_proj(torch.zeros(1, 2, 3 * H * D, dtype=dt, device="cuda"), cache, past, w, None, None,
+                              out, H, ws)
+    with pytest.raises(KernelError, match="not a multiple of 32"):
+        launch.attention_proj(qkv, cache, past, w[:100], None, None, out[:, :100], H, ws)
+    with pytest.raises(KernelError, match="out overlaps qkv"):
+        launch.attention_proj(qkv, cache, past, w[:, :], None, None, qkv.view(-1)[:256].view(1, 256), H, ws)
+    with pytest.raises(KernelError, match="attention_proj needs"):
+        launch.attention_proj(qkv, cache, past, w, None, None, out, H, ws[:64])
+
+
 def moe_weights(E, h, f, dt, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     wg = torch.randn(E, h, device="cuda", generator=g) / h ** 0.5
