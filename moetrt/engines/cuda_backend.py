@@ -89,11 +89,6 @@ class CudaEngine:
     # the LM head is a GEMV candidate too, run by the GEMV kernel where tuning timed it faster (an engine tuned
     # before this has no such entry and keeps cuBLASLt)
     head_gemv = True
-    # decode attention and the output projection after it as one kernel (launch.attention_proj) at up to this many
-    # sequences, single rank, caches of up to fuse_attention_proj_max_seq (every block of the fused kernel walks
-    # all of its sequence's keys)
-    fuse_attention_proj_max_batch = 1
-    fuse_attention_proj_max_seq = 1024
 
     def __init__(self, program: Program, max_batch: int, max_seq: int, max_tokens: int, max_logit_rows: int,
                  progress: bool = False, comm=None):
@@ -147,7 +142,6 @@ class CudaEngine:
 
         self._upload_weights(progress)
         self.fold_triples = self._fold_triples()
-        self.attn_proj = self._attention_projections()
         # KV cache, one buffer per layer, zeroed; bound in place
         self.caches: dict[str, cuda.View] = {}
         for op in p.ops:
@@ -173,12 +167,6 @@ class CudaEngine:
             lib_ws = launch.attention_workspace_size(self.max_batch, shape[2], shape[4], self.max_seq)
         self.attn_ws = self._alloc(lib_ws, "attention workspace")
         self.stream.memset(self.attn_ws.ptr, 0, self.attn_ws.nbytes)
-        proj_ws = 0
-        for a, j in self.attn_proj.items():
-            shape = self._cache_shape(p.ops[a].inputs[1])
-            proj_ws = max(proj_ws, launch.attention_proj_workspace_size(shape[1], shape[2], p.ops[j].attrs["N"]))
-        self.proj_ws = self._alloc(proj_ws, "attention-projection workspace")
-        self.stream.memset(self.proj_ws.ptr, 0, self.proj_ws.nbytes)
         moe_ws = 0
         for op in p.ops:
             if op.kind == "moe":
@@ -282,34 +270,6 @@ class CudaEngine:
             triples.append((p, i, j))
         return triples
 
-    def _attention_projections(self) -> dict[int, int]:
-        """{attention op index: projection GEMM op index} that decode plans may run as one kernel: the GEMM is the
-        only reader of the attention's output, runs right after it (aliases aside) without an activation, on a
-        single rank, and has a row count and head size the fused kernel takes."""
-        ops = self.program.ops
-        if self.comm is not None or self.max_seq > self.fuse_attention_proj_max_seq or \
-                any(op.kind == "all_reduce" and op.attrs.get("tp_size", 1) > 1 for op in ops):
-            return {}
-        readers, outputs = self._readers(), {self.resolve(o) for o in self.program.outputs}
-        pairs = {}
-        for a, op in enumerate(ops):
-            if op.kind != "attention":
-                continue
-            ctx = self.resolve(op.outputs[0])
-            r = readers.get(ctx, [])
-            if len(r) != 1 or ctx in outputs:
-                continue
-            j = r[0]
-            g = ops[j]
-            if g.kind != "gemm" or g is self.head or not g.attrs["trans"] or g.attrs.get("act") or \
-                    self.resolve(g.inputs[0]) != ctx or \
-                    any(ops[k].kind not in ("alias", "select") for k in range(a + 1, j)):
-                continue
-            D = self._cache_shape(op.inputs[1])[4]
-            if D in (16, 32, 64, 128) and g.attrs["N"] % launch.attention_proj_row_multiple(D, self.dtype) == 0:
-                pairs[a] = j
-        return pairs
-
     def _upload_folds(self) -> None:
         """Each fold's consumer weights with the LayerNorm's affine folded in, computed on the device from the
         weights already there (launch.fold_layernorm): {consumer op index: (weight', colsum, bias', epsilon)}."""
@@ -366,9 +326,6 @@ class CudaEngine:
                 for t in ops[i].inputs[:2] if ops[i].kind == "add_layernorm" else ():
                     if t:
                         last_use[self.resolve(t)] = max(last_use.get(self.resolve(t), -1), j)
-        for a, j in self.attn_proj.items():  # attention_proj reads qkv while writing the projection's output
-            t = self.resolve(ops[a].inputs[0])
-            last_use[t] = max(last_use.get(t, -1), j)
         # a fold's producer writes the LayerNorm's sum: its buffer is taken there (and kept by prefill plans, which
         # launch the LayerNorm as before)
         early: dict[int, list[str]] = {}
@@ -481,10 +438,6 @@ class CudaEngine:
                    (self.fuse_layernorm_moe if p.ops[j].kind == "moe" else N <= self.fuse_layernorm_max_rows)} \
             if self.fuse_layernorm else {}
         pending = {}  # GEMM / MoE op index -> the LayerNorm before it, deferred to be fused: (args, kwargs)
-        # attention and its projection as one kernel (not in plans with every GEMM forced onto cuBLASLt, which
-        # tuning times the projection in)
-        fused_proj = dict(self.attn_proj) if T == 1 and B <= self.fuse_attention_proj_max_batch and \
-            gemv is not False else {}
 
         def ln_views(i: int) -> tuple:  # a folded LayerNorm's residual input and sum output, [n, h]
             x, _, _, _ = p.ops[i].inputs
@@ -562,8 +515,6 @@ class CudaEngine:
                                    self._view(outs[0], (n, h)) if delta else None, self._view(outs[1], (n, h))),
                                   {"epsilon": op.attrs["epsilon"], "stream": s}))
             elif op.kind == "gemm":
-                if index in fused_proj.values():  # run by attention_proj
-                    continue
                 x, w, bias = ins
                 K, Nout = op.attrs["K"], op.attrs["N"]
                 M = int(np.prod(shapes[x][:-1]))
@@ -621,18 +572,6 @@ class CudaEngine:
             elif op.kind == "attention":
                 qkv, cache, past = ins
                 b, t, three_h = shapes[qkv]
-                if index in fused_proj:  # with the projection after it: into its output, or the LayerNorm's sum
-                    j = fused_proj[index]
-                    g = p.ops[j]
-                    resid, out = None, self._view(g.outputs[0], (b, g.attrs["N"]))
-                    if j in fold_producer:
-                        resid, out = ln_views(fold_producer[j])
-                    launches.append(launch.attention_proj(
-                        self._view(qkv, (b, t, three_h)), self._view(cache, ()), self._view(past, (b,)),
-                        self._view(g.inputs[1], ()), self._view(g.inputs[2], ()) if g.inputs[2] else None, resid, out,
-                        op.attrs["num_heads"], self.proj_ws.view((self.proj_ws.nbytes,), "uint8"), stream=s,
-                        defer=True))
-                    continue
                 launches.append(launch.attention(self._view(qkv, (b, t, three_h)), self._view(cache, ()),
                                                  self._view(past, (b,)), self._view(outs[0], (b, t, three_h // 3)),
                                                  op.attrs["num_heads"], self.attn_ws.view((self.attn_ws.nbytes,), "uint8"),

@@ -4,4 +4,4 @@ Bumped whenever a kernel entry point changes its arguments or semantics. CMake
 reads this line, so keep its form: ``PLUGIN_ABI_VERSION = <int>``.
 """
 
-PLUGIN_ABI_VERSION = 5
+PLUGIN_ABI_VERSION = 4

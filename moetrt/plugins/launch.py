@@ -22,8 +22,6 @@ _SIGNATURES = {
     "moetrt_bias_act": [_P] * 3 + [_I64, _I64, _I32, _I32, _P],
     "moetrt_attention_workspace_size": [_I32] * 4 + [ctypes.POINTER(_SZ)],
     "moetrt_attention": [_P] * 4 + [_I32] * 7 + [_P, _SZ, _P],
-    "moetrt_attention_proj_workspace_size": [_I32] * 3 + [ctypes.POINTER(_SZ)],
-    "moetrt_attention_proj": [_P] * 7 + [_I32] * 7 + [_P, _SZ, _P],
     "moetrt_moe_capacity": [_I64, _I32, _I32, _F32, _I32],
     "moetrt_moe_workspace_size": [_I64, _I64, _I64, _I32, _I32, _I32, ctypes.POINTER(_SZ)],
     "moetrt_moe": [_P] * 8 + [_I64] * 3 + [_I32] * 3 + [_F32, _I32, _I32, _P, _SZ, _P],
@@ -207,100 +205,34 @@ def attention_workspace_size(max_batch: int, num_heads: int, head_dim: int, max_
     return size.value
 
 
-def _attention_io(what: str, qkv, kv_cache, past_lengths, num_heads: int):
-    """(qkv, kv_cache, past_lengths, B, T, H, D) of an attention call, checked against each other."""
-    q, c = DeviceArray.of(qkv, "qkv"), DeviceArray.of(kv_cache, "kv_cache")
-    if len(q.shape) != 3 or len(c.shape) != 5 or c.shape[0] != 2:
-        raise KernelError(f"{what}: expected qkv [B, T, 3h] and kv_cache [2, Bm, H, S, D], got {q.shape}, {c.shape}")
-    B, T, three_h = q.shape
-    _, max_batch, H, max_seq, D = c.shape
-    if H != num_heads or three_h != 3 * H * D:
-        raise KernelError(f"{what}: qkv last dim {three_h} and kv_cache heads {H} do not match num_heads "
-                          f"{num_heads} x head_dim {D} x 3")
-    if B > max_batch or T > max_seq:
-        raise KernelError(f"{what}: batch {B} / tokens {T} exceed the cache's {max_batch} / {max_seq}")
-    _expect(q, "qkv", q.shape, _float_dtypes())
-    _expect(c, "kv_cache", c.shape, (q.dtype,))
-    past = DeviceArray.of(past_lengths, "past_lengths")
-    _expect(past, "past_lengths", (B,), ("int32",))
-    return q, c, past, B, T, H, D
-
-
-def _workspace(workspace, need: int, what: str) -> tuple[DeviceArray, int]:
-    ws = DeviceArray.of(workspace, "workspace")
-    nbytes = _nbytes(ws)
-    if nbytes < need:
-        raise KernelError(f"workspace: {nbytes} bytes, {what} needs {need}")
-    return ws, nbytes
-
-
 def attention(qkv, kv_cache, past_lengths, out, num_heads: int, workspace, stream: int = 0, defer: bool = False):
     """Causal attention of T new tokens per sequence; K/V written into ``kv_cache`` in place.
 
     ``qkv [B, T, 3h]`` (Megatron order), ``kv_cache [2, max_batch, H, max_seq, D]``, ``past_lengths [B]`` int32
     (each + T must fit in max_seq: the caller checks, the kernel trusts), ``out [B, T, h]``, ``workspace``: a
     zero-filled uint8 device array of ``attention_workspace_size(max_batch, ...)`` bytes, reused across calls."""
-    q, c, past, B, T, H, D = _attention_io("attention", qkv, kv_cache, past_lengths, num_heads)
-    max_batch, max_seq = c.shape[1], c.shape[3]
+    q, c = DeviceArray.of(qkv, "qkv"), DeviceArray.of(kv_cache, "kv_cache")
+    if len(q.shape) != 3 or len(c.shape) != 5 or c.shape[0] != 2:
+        raise KernelError(f"attention: expected qkv [B, T, 3h] and kv_cache [2, Bm, H, S, D], got {q.shape}, {c.shape}")
+    B, T, three_h = q.shape
+    _, max_batch, H, max_seq, D = c.shape
+    if H != num_heads or three_h != 3 * H * D:
+        raise KernelError(f"attention: qkv last dim {three_h} and kv_cache heads {H} do not match num_heads "
+                          f"{num_heads} x head_dim {D} x 3")
+    if B > max_batch or T > max_seq:
+        raise KernelError(f"attention: batch {B} / tokens {T} exceed the cache's {max_batch} / {max_seq}")
+    _expect(q, "qkv", q.shape, _float_dtypes())
+    _expect(c, "kv_cache", c.shape, (q.dtype,))
+    _expect(DeviceArray.of(past_lengths, "past_lengths"), "past_lengths", (B,), ("int32",))
     o = DeviceArray.of(out, "out")
     _expect(o, "out", (B, T, H * D), (q.dtype,))
-    ws, nbytes = _workspace(workspace, attention_workspace_size(max_batch, H, D, max_seq), "attention")
-    return _launch("moetrt_attention", (q.ptr, c.ptr, past.ptr, o.ptr, B, T, H, D, max_batch, max_seq,
-                                        DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream), "attention", defer)
-
-
-def attention_proj_workspace_size(max_batch: int, num_heads: int, rows: int) -> int:
-    """Bytes of the ``attention_proj`` workspace for a KV cache of ``max_batch`` sequences and ``rows`` outputs."""
-    size = ctypes.c_size_t(0)
-    check(_fn("moetrt_attention_proj_workspace_size")(max_batch, num_heads, rows, ctypes.byref(size)),
-          "attention_proj_workspace_size")
-    return size.value
-
-
-def attention_proj_row_multiple(head_dim: int, dtype: str) -> int:
-    """``attention_proj`` takes weights of a multiple of this many rows."""
-    return 256 // (head_dim // (4 if dtype == "fp32" else 8))
-
-
-def attention_proj(qkv, kv_cache, past_lengths, weight, bias, residual, out, num_heads: int, workspace,
-                   stream: int = 0, defer: bool = False):
-    """Decode attention (one new token per sequence) and the output projection after it, one kernel:
-    ``out [B, N] = residual + (attn @ weight.T + bias)``, where ``attn [B, h]`` is what ``attention`` computes (kept
-    in fp32 here), the projection rounded before the residual is added as ``gemv_residual`` rounds it;
-    ``residual`` and ``bias`` may be None. ``qkv [B, 1, 3h]``, ``kv_cache`` and ``past_lengths`` as for
-    ``attention`` (K/V written in place), ``weight [N, h]`` with N a multiple of ``attention_proj_row_multiple``,
-    ``workspace``: a zero-filled uint8 device array of ``attention_proj_workspace_size(max_batch, H, N)`` bytes,
-    reused across calls. ``out`` may be ``residual`` and must not overlap the other inputs."""
-    q, c, past, B, T, H, D = _attention_io("attention_proj", qkv, kv_cache, past_lengths, num_heads)
-    if T != 1:
-        raise KernelError(f"attention_proj: decode only (one new token per sequence), got {T} tokens")
-    if D not in (16, 32, 64, 128):
-        raise KernelError(f"attention_proj: head_dim {D} is not 16, 32, 64 or 128")
-    max_batch, max_seq = c.shape[1], c.shape[3]
-    w = DeviceArray.of(weight, "weight")
-    if len(w.shape) != 2:
-        raise KernelError(f"attention_proj: expected weight [N, {H * D}], got {w.shape}")
-    N = w.shape[0]
-    _expect(w, "weight", (N, H * D), (q.dtype,))
-    if N % attention_proj_row_multiple(D, q.dtype):
-        raise KernelError(f"attention_proj: weight has {N} rows, not a multiple of "
-                          f"{attention_proj_row_multiple(D, q.dtype)} (head_dim {D}, {q.dtype})")
-    b = _gemv_bias(bias, N, q.dtype)
-    o = DeviceArray.of(out, "out")
-    _expect(o, "out", (B, N), (q.dtype,))
-    r = None
-    if residual is not None:
-        r = DeviceArray.of(residual, "residual")
-        _expect(r, "residual", (B, N), (q.dtype,))
-        if _overlap(o, r) and o.ptr != r.ptr:
-            raise KernelError("attention_proj: out overlaps residual without being it")
-    for arr, name in ((q, "qkv"), (c, "kv_cache"), (w, "weight")):
-        if _overlap(o, arr):
-            raise KernelError(f"attention_proj: out overlaps {name}")
-    ws, nbytes = _workspace(workspace, attention_proj_workspace_size(max_batch, H, N), "attention_proj")
-    return _launch("moetrt_attention_proj", (q.ptr, c.ptr, past.ptr, w.ptr, b.ptr if b else None,
-                                             r.ptr if r else None, o.ptr, B, H, D, N, max_batch, max_seq,
-                                             DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream), "attention_proj", defer)
+    ws = DeviceArray.of(workspace, "workspace")
+    need = attention_workspace_size(max_batch, H, D, max_seq)
+    nbytes = _nbytes(ws)
+    if nbytes < need:
+        raise KernelError(f"workspace: {nbytes} bytes, attention needs {need}")
+    return _launch("moetrt_attention", (q.ptr, c.ptr, DeviceArray.of(past_lengths, "past_lengths").ptr, o.ptr, B, T, H, D,
+                                  max_batch, max_seq, DTYPE_CODES[q.dtype], ws.ptr, nbytes, stream,), "attention", defer)
 
 
 def moe_capacity(tokens: int, experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -342,7 +274,11 @@ def _moe_args(hidden, gate_weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, o
         _expect(res, "residual", (N, h), (x.dtype,))
     if top_k not in (1, 2) or top_k > E:
         raise KernelError(f"top_k must be 1 or 2 and <= experts ({E}), got {top_k}")
-    ws, nbytes = _workspace(workspace, moe_workspace_size(N, h, f, E, top_k, x.dtype), "moe")
+    ws = DeviceArray.of(workspace, "workspace")
+    need = moe_workspace_size(N, h, f, E, top_k, x.dtype)
+    nbytes = _nbytes(ws)
+    if nbytes < need:
+        raise KernelError(f"workspace: {nbytes} bytes, moe needs {need}")
     return x, (ptrs["gate_weight"], ptrs["fc1_weight"], ptrs["fc1_bias"], ptrs["fc2_weight"], ptrs["fc2_bias"],
                res.ptr if res else None, ptrs["out"], N, h, f, E, top_k, _activation(activation), capacity_factor,
                min_capacity, DTYPE_CODES[x.dtype], ws.ptr, nbytes, stream)

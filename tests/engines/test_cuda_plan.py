@@ -112,7 +112,7 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
         assert args[:3] == (views[p.ops[j].inputs[1]].ptr, *(views[n].ptr for n in p.ops[i].inputs[2:4]))
         assert args[4:7] == tuple(v.ptr for v in engine.folds[j][:3])
     folded = {v[0].ptr for v in engine.folds.values()}
-    for B in (2, 3, 4):  # at one sequence attention_proj replaces two of the gemv_residuals (the next test)
+    for B in (1, 2, 3, 4):
         launches = engine.plan(B, 1, gemv=True).launches
         whats = [getattr(fn, "what", "") for fn in launches]
         assert whats.count("gemv_residual") == 3 and whats.count("gemv_folded") == 4, whats
@@ -142,41 +142,6 @@ def test_layernorm_folds_in_decode_plans(fake_device, three_layer_program, monke
     monkeypatch.setattr(cuda_backend.CudaEngine, "fold_layernorm", False)
     plain = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
     assert plain.fold_triples == [] and sum(w.startswith("add_layernorm") for w in _whats(plain.plan(3, 1))) == 7
-    plain.close()
-
-
-def test_attention_and_projection_fuse_at_one_sequence(fake_device, three_layer_program, monkeypatch):
-    """Decode plans of up to fuse_attention_proj_max_batch sequences run each attention and the out-projection
-    after it as attention_proj: in the dense layers into the folded LayerNorm's sum with its residual (what the next
-    gemv_folded reads), in the MoE layer into the projection's output (what the gate's LayerNorm adds); never into
-    qkv, which stays live until then. Prefill plans, larger batches, plans forcing cuBLASLt and caches past
-    fuse_attention_proj_max_seq keep the two kernels."""
-    p = three_layer_program
-    engine = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
-    assert [(p.ops[a].kind, p.ops[j].kind) for a, j in engine.attn_proj.items()] == [("attention", "gemm")] * 3
-    launches = engine.plan(1, 1, gemv=True).launches
-    whats = [getattr(fn, "what", "") for fn in launches]
-    assert whats.count("attention_proj") == 3 and "attention" not in whats, whats
-    assert whats.count("gemv_residual") == 1 and whats.count("gemv_folded") == 4, whats
-    fused = [k for k, w in enumerate(whats) if w == "attention_proj"]
-    for k in fused:
-        qkv, residual, out = launches[k].args[0], launches[k].args[5], launches[k].args[6]
-        assert launches[k].args[7] == 1 and out not in (qkv, residual)
-        nxt = launches[k + 1]
-        if nxt.what == "gemv_folded":  # dense layer: the LayerNorm's sum, residual added
-            assert residual is not None and nxt.args[0] == out
-        else:  # MoE layer: the projection alone, added to the residual by the gate's LayerNorm
-            assert nxt.what == "add_layernorm_moe" and residual is None and nxt.args[1] == out
-    assert "attention_proj" not in _whats(engine.plan(2, 1, gemv=True))
-    assert "attention_proj" not in _whats(engine.plan(1, 1, gemv=False))
-    assert "attention_proj" not in _whats(engine.plan(1, 16))
-    monkeypatch.setattr(engine, "fuse_attention_proj_max_batch", 2)
-    engine.plans.clear()
-    assert _whats(engine.plan(2, 1, gemv=True)).count("attention_proj") == 3
-    engine.close()
-    monkeypatch.setattr(cuda_backend.CudaEngine, "fuse_attention_proj_max_seq", 32)
-    plain = cuda_backend.CudaEngine(p, 4, 64, 256, 256)
-    assert plain.attn_proj == {} and "attention_proj" not in _whats(plain.plan(1, 1, gemv=True))
     plain.close()
 
 

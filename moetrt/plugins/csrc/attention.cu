@@ -40,136 +40,19 @@ __host__ __device__ inline Layout cache_layout(int max_batch, int heads, int max
   return l;
 }
 
-// Decode geometry: a group of D/N lanes holds one key (N elements of 16 bytes each lane), KPP keys per pass over
-// the block, PASSES passes a chunk, up to U = 8 passes' loads issued before any is used.
-template <typename T, int D>
-struct DecodeGeom {
-  static constexpr int N = Vec<T>::N, GROUP = D / N, KPP = kDecodeThreads / GROUP, PASSES = kChunk / KPP;
-  static constexpr int U = PASSES < 8 ? PASSES : 8;
-  static_assert(GROUP <= 32 && (GROUP & (GROUP - 1)) == 0 && PASSES >= 1, "unsupported head_dim");
-};
-
-// This thread's slices of the first U passes of the chunk from `start`: the cached keys (with kV, values too) of
-// slots before `past` (earlier steps' results), so that they may be loaded before the wait.
-template <typename T, int D, bool kV>
-__device__ __forceinline__ void prefetch_chunk(Vec<T> (&k_first)[DecodeGeom<T, D>::U],
-                                               Vec<T> (&v_first)[DecodeGeom<T, D>::U], const T* kcache,
-                                               const T* vcache, int start, int past) {
-  using G = DecodeGeom<T, D>;
-  const int lane_in_group = threadIdx.x % G::GROUP, key_slot = threadIdx.x / G::GROUP;
-#pragma unroll
-  for (int u = 0; u < G::U; ++u) {
-    const int j = start + u * G::KPP + key_slot;
-    if (j < past) {
-      k_first[u].load_cg(kcache + int64_t(j) * D + lane_in_group * G::N);
-      if (kV) v_first[u].load_cg(vcache + int64_t(j) * D + lane_in_group * G::N);
-    }
-  }
-}
-
-// The query of head h, scaled by 1/sqrt(D): this thread's N elements.
-template <typename T, int D>
-__device__ __forceinline__ void load_query(float (&qv)[DecodeGeom<T, D>::N], const T* q) {
-  using G = DecodeGeom<T, D>;
-  Vec<T> qq;
-  qq.load(q + (threadIdx.x % G::GROUP) * G::N);
-  const float scale = rsqrtf(static_cast<float>(D));
-#pragma unroll
-  for (int i = 0; i < G::N; ++i) qv[i] = to_float(qq.v[i]) * scale;
-}
-
-// One chunk of keys [start, stop) of a decode query (q: the new token's q, k, v in qkv): the scores, their max m and
-// sum of exponentials l (every thread gets both), and this thread's share of sum_j exp(s_j - m) v_j in acc (its N
-// channels over its key slot; key_slot_sum adds the slots). The first U passes' keys (values) come from k_first
-// (v_first) where have_k (have_v), as prefetch_chunk loaded them; the new token's key and value from q, not from the
-// cache slot the kernel writes. `score` holds kChunk floats and is free on entry.
-template <typename T, int D>
-__device__ __forceinline__ void attend_chunk(const float (&qv)[DecodeGeom<T, D>::N], const T* kcache, const T* vcache,
-                                             const T* q, int start, int stop, int past,
-                                             const Vec<T> (&k_first)[DecodeGeom<T, D>::U], bool have_k,
-                                             const Vec<T> (&v_first)[DecodeGeom<T, D>::U], bool have_v, float* score,
-                                             float* scratch, float& m, float& l, float (&acc)[DecodeGeom<T, D>::N]) {
-  using G = DecodeGeom<T, D>;
-  constexpr int N = G::N, GROUP = G::GROUP, KPP = G::KPP, PASSES = G::PASSES, U = G::U;
-  const int lane_in_group = threadIdx.x % GROUP, key_slot = threadIdx.x / GROUP;
-  // U passes' worth of this thread's 16-byte slices of keys (or values; `fresh` is the new token's), loaded
-  // before any is used
-  auto load_passes = [&](Vec<T>(&dst)[U], const Vec<T>(&first)[U], bool have_first, const T* rows,
-                         const T* fresh, int p0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = start + (p0 + u) * KPP + key_slot;
-      if (j == past) dst[u].load(fresh + lane_in_group * N);
-      else if (p0 == 0 && have_first) dst[u] = first[u];
-      else if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
-    }
-  };
-  for (int p0 = 0; p0 < PASSES; p0 += U) {
-    Vec<T> kv[U];
-    load_passes(kv, k_first, have_k, kcache, q + D, p0);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = start + (p0 + u) * KPP + key_slot;
-      float s = 0.f;
-      if (j < stop) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) s += qv[i] * to_float(kv[u].v[i]);
-      }
-#pragma unroll
-      for (int o = GROUP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, GROUP);
-      if (j < stop && lane_in_group == 0) score[j - start] = s;
-    }
-  }
-  __syncthreads();
-  m = -INFINITY;
-  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) m = fmaxf(m, score[j]);
-  m = block_max(m, scratch);
-  l = 0.f;
-  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) {
-    const float p = __expf(score[j] - m);
-    score[j] = p;
-    l += p;
-  }
-  l = block_sum(l, scratch);  // its barriers also publish the score writes
-
-#pragma unroll
-  for (int i = 0; i < N; ++i) acc[i] = 0.f;
-  for (int p0 = 0; p0 < PASSES; p0 += U) {
-    Vec<T> vv[U];
-    load_passes(vv, v_first, have_v, vcache, q + 2 * D, p0);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = start + (p0 + u) * KPP + key_slot;
-      if (j < stop) {
-        const float p = score[j - start];
-#pragma unroll
-        for (int i = 0; i < N; ++i) acc[i] += p * to_float(vv[u].v[i]);
-      }
-    }
-  }
-}
-
-// Channel d of the block's accumulators summed over the key slots, after every thread stored its acc into red_s
-// (red_s[thread][i] = acc[i]) and the block synchronised.
-template <typename T, int D>
-__device__ __forceinline__ float key_slot_sum(const float (*red_s)[DecodeGeom<T, D>::N + 1], int d) {
-  using G = DecodeGeom<T, D>;
-  const int lane = d / G::N, i = d % G::N;
-  float s = 0.f;
-  for (int ks = 0; ks < G::KPP; ++ks) s += red_s[ks * G::GROUP + lane][i];
-  return s;
-}
-
-// T == 1: one block per (chunk of kChunk keys, head, sequence). The first U passes' cached keys are loaded before
-// the wait for the preceding kernel, and with kEarlyV (grids of at most a wave or two, where latency binds, not
-// occupancy) their values too.
+// A group of D/N lanes holds one key (N elements of 16 bytes each lane); KPP keys per pass over the block;
+// up to U = 8 passes' loads are issued before any is used. The first U passes' cached keys (slots before
+// past_lengths[b]: earlier steps' results) are loaded before the wait for the preceding kernel, and with kEarlyV
+// (grids of at most a wave or two, where latency binds, not occupancy) their values too; the new token's key and
+// value come from qkv, not from the cache slot this kernel writes.
 template <typename T, int D, bool kEarlyV>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths, T* __restrict__ out,
     float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int max_batch, int max_seq,
     int max_splits) {
-  using G = DecodeGeom<T, D>;
-  constexpr int N = G::N, U = G::U;
+  constexpr int N = Vec<T>::N, GROUP = D / N, KPP = kDecodeThreads / GROUP, PASSES = kChunk / KPP;
+  constexpr int U = PASSES < 8 ? PASSES : 8;
+  static_assert(GROUP <= 32 && (GROUP & (GROUP - 1)) == 0 && PASSES >= 1, "unsupported head_dim");
   launch_dependents();  // at entry (common.cuh: programmatic dependent launch)
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int past = __ldcg(past_lengths + b);
@@ -179,8 +62,16 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
   const Layout L = cache_layout(max_batch, heads, max_seq, D);
   T* kcache = cache + b * L.batch_stride + h * L.head_stride;
   T* vcache = kcache + L.half;
+  const int lane_in_group = threadIdx.x % GROUP, key_slot = threadIdx.x / GROUP;
   Vec<T> k_first[U], v_first[U];
-  prefetch_chunk<T, D, kEarlyV>(k_first, v_first, kcache, vcache, start, past);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int j = start + u * KPP + key_slot;
+    if (j < past) {
+      k_first[u].load_cg(kcache + int64_t(j) * D + lane_in_group * N);
+      if (kEarlyV) v_first[u].load_cg(vcache + int64_t(j) * D + lane_in_group * N);
+    }
+  }
   // A chunk past this sequence's keys leaves at once rather than holding its slot until the wait is over
   // (H100, 350M decode graph at batch 1: 0.6126 against 0.6160 ms; docs/performance.md).
   if (start >= len) return;
@@ -196,16 +87,79 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
       vcache[int64_t(past) * D + d] = q[2 * D + d];
     }
   }
-  float qv[N], m, l, acc[N];
-  load_query<T, D>(qv, q);
-  attend_chunk<T, D>(qv, kcache, vcache, q, start, stop, past, k_first, true, v_first, kEarlyV, score, scratch, m, l,
-                     acc);
+  float qv[N];
+  {
+    Vec<T> qq;
+    qq.load(q + lane_in_group * N);
+    const float scale = rsqrtf(static_cast<float>(D));
+#pragma unroll
+    for (int i = 0; i < N; ++i) qv[i] = to_float(qq.v[i]) * scale;
+  }
+
+  // U passes' worth of this thread's 16-byte slices of keys (or values; `fresh` is the new token's), loaded
+  // before any is used; the first U passes were loaded before the wait, except the new token's
+  auto load_passes = [&](Vec<T>(&dst)[U], const Vec<T>(&first)[U], bool have_first, const T* rows,
+                         const T* fresh, int p0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      if (j == past) dst[u].load(fresh + lane_in_group * N);
+      else if (p0 == 0 && have_first) dst[u] = first[u];
+      else if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
+    }
+  };
+  for (int p0 = 0; p0 < PASSES; p0 += U) {
+    Vec<T> kv[U];
+    load_passes(kv, k_first, true, kcache, q + D, p0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      float s = 0.f;
+      if (j < stop) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) s += qv[i] * to_float(kv[u].v[i]);
+      }
+#pragma unroll
+      for (int o = GROUP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, GROUP);
+      if (j < stop && lane_in_group == 0) score[j - start] = s;
+    }
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) m = fmaxf(m, score[j]);
+  m = block_max(m, scratch);
+  float l = 0.f;
+  for (int j = threadIdx.x; j < stop - start; j += blockDim.x) {
+    const float p = __expf(score[j] - m);
+    score[j] = p;
+    l += p;
+  }
+  l = block_sum(l, scratch);  // its barriers also publish the score writes
+
+  float acc[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = 0.f;
+  for (int p0 = 0; p0 < PASSES; p0 += U) {
+    Vec<T> vv[U];
+    load_passes(vv, v_first, kEarlyV, vcache, q + 2 * D, p0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = start + (p0 + u) * KPP + key_slot;
+      if (j < stop) {
+        const float p = score[j - start];
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += p * to_float(vv[u].v[i]);
+      }
+    }
+  }
 #pragma unroll
   for (int i = 0; i < N; ++i) red_s[threadIdx.x][i] = acc[i];
   __syncthreads();
   float* mine = partial + ((int64_t(b) * heads + h) * max_splits + split) * (D + 2);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const float s = key_slot_sum<T, D>(red_s, d);
+    const int lane = d / N, i = d % N;
+    float s = 0.f;
+    for (int ks = 0; ks < KPP; ++ks) s += red_s[ks * GROUP + lane][i];
     if (splits == 1) out[(int64_t(b) * heads + h) * D + d] = from_float<T>(s / l);
     else mine[2 + d] = s;
   }
@@ -243,117 +197,6 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     out[(int64_t(b) * heads + h) * D + d] = from_float<T>(v);
   }
   if (threadIdx.x == 0) counters[b * heads + h] = 0;
-}
-
-// ---- decode attention with the output projection fused in ------------------------------------------------------
-// out[b, r] = residual[b, r] + T(bias[r] + sum_h W[r, h D : (h + 1) D] . attn[b, h]) (no residual: T(bias + ...)),
-// the sum rounded as gemv_residual rounds it. Grid (groups, heads, batch): block (g, h, b) runs head h of sequence b
-// over all its keys, chunk after chunk with an online softmax across them. Every one of the `groups` blocks of a
-// (b, h) does so, redundantly (at one sequence the heads alone would occupy 16 SMs), and then multiplies the result
-// by W's rows of group g (R = rows / groups of them, head h's D columns; the first kProjPre vectors a thread loaded
-// before the wait), storing R partial sums in the workspace. The last of the heads blocks of (b, g) to finish (a
-// counter per (b, g), left at zero) adds the partials in head order, the bias and the residual. One kernel boundary
-// fewer a layer than attention and then the projection GEMV.
-constexpr int kProjPre = 4;
-constexpr int kProjMaxGroups = 64;
-#ifndef MOETRT_PROJ_GROUPS
-#define MOETRT_PROJ_GROUPS kProjMaxGroups  // build-time switch for A/Bs: the most blocks per (sequence, head)
-#endif
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kDecodeThreads, 2) attention_proj_kernel(
-    const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths,
-    const T* __restrict__ weight, const T* __restrict__ bias, const T* residual, T* out, float* __restrict__ partial,
-    int32_t* __restrict__ counters, int heads, int max_batch, int max_seq, int rows) {
-  using G = DecodeGeom<T, D>;
-  constexpr int N = G::N, U = G::U, LPR = G::GROUP, RPP = kDecodeThreads / LPR;  // lanes a weight row, rows a pass
-  launch_dependents();  // at entry, as attention decode
-  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int R = rows / gridDim.x, row0 = g * R, K = heads * D;
-  const int c = threadIdx.x % LPR, rr = threadIdx.x / LPR;
-  const T* wrow = weight + int64_t(row0 + rr) * K + h * D + c * N;  // this thread's vector of pass 0
-  Vec<T> wpre[kProjPre];
-#pragma unroll
-  for (int p = 0; p < kProjPre; ++p)
-    if (p * RPP < R) wpre[p].load_global_nc(wrow + int64_t(p) * RPP * K);
-  const int past = __ldcg(past_lengths + b);
-  const int len = past + 1;
-  const Layout L = cache_layout(max_batch, heads, max_seq, D);
-  T* kcache = cache + b * L.batch_stride + h * L.head_stride;
-  T* vcache = kcache + L.half;
-  Vec<T> k_first[U], v_first[U];
-  prefetch_chunk<T, D, true>(k_first, v_first, kcache, vcache, 0, past);
-  dependency_wait();
-  const T* q = qkv + int64_t(b) * 3 * heads * D + int64_t(h) * 3 * D;
-  __shared__ float score[kChunk];
-  __shared__ float red_s[kDecodeThreads][N + 1];
-  __shared__ float scratch[32];
-  __shared__ float o_s[D];
-  if (g == 0) {  // one block of the (b, h) writes the new token's slot; the others read it from qkv too
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      kcache[int64_t(past) * D + d] = q[D + d];
-      vcache[int64_t(past) * D + d] = q[2 * D + d];
-    }
-  }
-  float qv[N], m_run, l_run, acc_run[N];
-  load_query<T, D>(qv, q);
-  // the first chunk on its own, so that the prefetched keys and values are dead before the loop over the rest
-  attend_chunk<T, D>(qv, kcache, vcache, q, 0, min(kChunk, len), past, k_first, true, v_first, true, score, scratch,
-                     m_run, l_run, acc_run);
-  for (int start = kChunk; start < len; start += kChunk) {
-    __syncthreads();  // the last chunk's scores are read until its end
-    float m, l, acc[N];
-    attend_chunk<T, D>(qv, kcache, vcache, q, start, min(start + kChunk, len), past, k_first, false, v_first,
-                       false, score, scratch, m, l, acc);
-    const float m_new = fmaxf(m_run, m), a_run = __expf(m_run - m_new), a = __expf(m - m_new);
-    l_run = l_run * a_run + l * a;
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc_run[i] = acc_run[i] * a_run + acc[i] * a;
-    m_run = m_new;
-  }
-#pragma unroll
-  for (int i = 0; i < N; ++i) red_s[threadIdx.x][i] = acc_run[i];
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) o_s[d] = key_slot_sum<T, D>(red_s, d) / l_run;
-  __syncthreads();
-  float ov[N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) ov[i] = o_s[c * N + i];
-  float* part = partial + (int64_t(b) * heads + h) * rows + row0 + rr;
-  auto project = [&](const Vec<T>& w, int p) {
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) s += to_float(w.v[i]) * ov[i];
-#pragma unroll
-    for (int o = LPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, LPR);
-    if (c == 0) part[p * RPP] = s;
-  };
-#pragma unroll
-  for (int p = 0; p < kProjPre; ++p)
-    if (p * RPP < R) project(wpre[p], p);
-  for (int p = kProjPre; p * RPP < R; ++p) {
-    Vec<T> w;
-    w.load_global_nc(wrow + int64_t(p) * RPP * K);
-    project(w, p);
-  }
-
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[b * kProjMaxGroups + g], 1) == heads - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const float* sums = partial + int64_t(b) * heads * rows + row0;  // read around L1: other blocks wrote them
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    float s = 0.f;
-#pragma unroll 8
-    for (int hh = 0; hh < heads; ++hh) s += __ldcg(sums + int64_t(hh) * rows + r);
-    const float v = s + (bias ? to_float(bias[row0 + r]) : 0.f);
-    const int64_t o = int64_t(b) * rows + row0 + r;
-    out[o] = residual ? from_float<T>(to_float(residual[o]) + to_float(from_float<T>(v))) : from_float<T>(v);
-  }
-  if (threadIdx.x == 0) counters[b * kProjMaxGroups + g] = 0;
 }
 
 template <typename T>
@@ -627,38 +470,6 @@ int launch_attention(const T* qkv, T* cache, const int32_t* past, T* out, int ba
   return launch_status();
 }
 
-// Blocks of attention_proj_kernel per (sequence, head): the most (a power of two, up to kProjMaxGroups) that keep
-// the grid within a wave and divide the rows into whole passes.
-template <typename T>
-int proj_groups(int batch, int heads, int head_dim, int rows) {
-  const int rpp = kDecodeThreads / (head_dim / Vec<T>::N);
-  int groups = 1;
-  while (2 * groups <= MOETRT_PROJ_GROUPS && int64_t(2 * groups) * heads * batch <= sm_count() &&
-         rows % (2 * groups * rpp) == 0)
-    groups *= 2;
-  return groups;
-}
-
-template <typename T>
-int launch_attention_proj(const T* qkv, T* cache, const int32_t* past, const T* weight, const T* bias,
-                          const T* residual, T* out, int batch, int heads, int head_dim, int rows, int max_batch,
-                          int max_seq, float* partial, int32_t* counters, cudaStream_t stream) {
-  if (rows % (kDecodeThreads / (head_dim / Vec<T>::N))) return MOETRT_ERR_BAD_SHAPE;
-  const dim3 grid(proj_groups<T>(batch, heads, head_dim, rows), heads, batch);
-#define MOETRT_PROJ(DIM)                                                                                       \
-  launch(attention_proj_kernel<T, DIM>, grid, kDecodeThreads, 0, stream, qkv, cache, past, weight, bias, residual, \
-         out, partial, counters, heads, max_batch, max_seq, rows);
-  switch (head_dim) {
-    case 16: MOETRT_PROJ(16) break;
-    case 32: MOETRT_PROJ(32) break;
-    case 64: MOETRT_PROJ(64) break;
-    case 128: MOETRT_PROJ(128) break;
-    default: return MOETRT_ERR_BAD_SHAPE;
-  }
-#undef MOETRT_PROJ
-  return launch_status();
-}
-
 }  // namespace
 
 // The layout depends on max_batch only (counters for every (b, h) of the cache, then the partials), never on a
@@ -690,34 +501,5 @@ MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* 
     return launch_attention<T>(static_cast<const T*>(qkv), static_cast<T*>(kv_cache), past_lengths,
                                static_cast<T*>(out), batch, tokens, num_heads, head_dim, max_batch, max_seq,
                                partial, counters, stream);
-  })
-}
-
-MOETRT_API int moetrt_attention_proj_workspace_size(int max_batch, int num_heads, int rows, size_t* bytes) {
-  if (max_batch < 0 || num_heads <= 0 || rows <= 0 || !bytes) return MOETRT_ERR_BAD_SHAPE;
-  const size_t counters = size_t(max_batch) * kProjMaxGroups * sizeof(int32_t);
-  *bytes = ((counters + 255) / 256) * 256 + size_t(max_batch) * num_heads * rows * sizeof(float);
-  return 0;
-}
-
-MOETRT_API int moetrt_attention_proj(const void* qkv, void* kv_cache, const int32_t* past_lengths, const void* weight,
-                                     const void* bias, const void* residual, void* out, int batch, int num_heads,
-                                     int head_dim, int rows, int max_batch, int max_seq, int dtype, void* workspace,
-                                     size_t workspace_bytes, cudaStream_t stream) {
-  if (batch < 0 || batch > max_batch || num_heads <= 0 || head_dim <= 0 || head_dim > kMaxHeadDim || rows <= 0 ||
-      max_seq <= 0)
-    return MOETRT_ERR_BAD_SHAPE;
-  if (batch == 0) return 0;
-  size_t need = 0;
-  moetrt_attention_proj_workspace_size(max_batch, num_heads, rows, &need);
-  if (workspace_bytes < need) return MOETRT_ERR_BAD_SHAPE;
-  int32_t* counters = static_cast<int32_t*>(workspace);
-  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                            ((size_t(max_batch) * kProjMaxGroups * sizeof(int32_t) + 255) / 256) * 256);
-  MOETRT_DISPATCH_DTYPE(dtype, T, {
-    return launch_attention_proj<T>(static_cast<const T*>(qkv), static_cast<T*>(kv_cache), past_lengths,
-                                    static_cast<const T*>(weight), static_cast<const T*>(bias),
-                                    static_cast<const T*>(residual), static_cast<T*>(out), batch, num_heads,
-                                    head_dim, rows, max_batch, max_seq, partial, counters, stream);
   })
 }

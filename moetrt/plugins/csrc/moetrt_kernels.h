@@ -61,20 +61,6 @@ MOETRT_API int moetrt_attention(const void* qkv, void* kv_cache, const int32_t* 
                                 int tokens, int num_heads, int head_dim, int max_batch, int max_seq, int dtype,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// Decode attention (one new token per sequence) and the output projection after it as one kernel (see
-// attention.cu): out [batch, rows] = residual + T(attn @ weight^T + bias), or without residual (NULL) attn @ weight^T
-// + bias, where attn [batch, heads * head_dim] is what moetrt_attention would write. weight [rows, heads * head_dim],
-// bias [rows] or NULL, rows a multiple of 256 / (head_dim / (16 / sizeof(T))); K/V written into the cache as
-// moetrt_attention writes them. The workspace (moetrt_attention_proj_workspace_size for the cache's max_batch) must
-// be zero-filled before its first use; calls leave it zeroed. Reads the weights, past_lengths and the cached K/V
-// below it before waiting for the preceding kernel, as moetrt_attention does. out may be residual, and must not
-// overlap the other inputs.
-MOETRT_API int moetrt_attention_proj_workspace_size(int max_batch, int num_heads, int rows, size_t* bytes);
-MOETRT_API int moetrt_attention_proj(const void* qkv, void* kv_cache, const int32_t* past_lengths, const void* weight,
-                                     const void* bias, const void* residual, void* out, int batch, int num_heads,
-                                     int head_dim, int rows, int max_batch, int max_seq, int dtype, void* workspace,
-                                     size_t workspace_bytes, cudaStream_t stream);
-
 // MoE layer (see moe.cu). hidden [tokens, h]; gate_weight [experts, h] fp32; fc1_weight [experts, ffn, h];
 // fc1_bias [experts, ffn]; fc2_weight [experts, h, ffn]; fc2_bias [experts, h]; residual [tokens, h] or NULL;
 // out [tokens, h]. capacity_factor <= 0 never drops. moetrt_moe_capacity gives the capacity a call uses (0: none).
