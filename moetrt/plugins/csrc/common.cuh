@@ -37,11 +37,30 @@ template <typename T> struct Vec {
   __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
 };
 
+// kStream: weights streamed once (the grouped GEMM's B tiles), with a 256-byte L2 prefetch: a k-tile row is 128
+// bytes, so DRAM serves each row's next k-tile with this one (H100, `tools/moe_ab.py`, MoE layer at 32 / 64 / 512 /
+// 4096 tokens 177.0 / 265.0 / 408.1 / 548.7 us against 185.5 / 276.3 / 424.8 / 563.3 without, 128-byte prefetches
+// no better than none; docs/performance.md). MOETRT_GEMM_L2_HINT (0, 64, 128, 256): build-time switch for A/Bs.
+#ifndef MOETRT_GEMM_L2_HINT
+#define MOETRT_GEMM_L2_HINT 256
+#endif
+#define MOETRT_STR2(x) #x
+#define MOETRT_STR(x) MOETRT_STR2(x)
+#if MOETRT_GEMM_L2_HINT
+#define MOETRT_GEMM_PREFETCH ".L2::" MOETRT_STR(MOETRT_GEMM_L2_HINT) "B"
+#else
+#define MOETRT_GEMM_PREFETCH ""
+#endif
 // 16 bytes global -> shared, asynchronously (sm_80+); valid = false zero-fills the 16 destination bytes.
+template <bool kStream = false>
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+  if constexpr (kStream)
+    asm volatile("cp.async.cg.shared.global" MOETRT_GEMM_PREFETCH " [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(n));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -1011,7 +1011,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
 #pragma unroll
       for (int i = 0; i < BR; ++i) {
         const bool ok = i < b_rows && k_ok;
-        cp_async16(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
+        cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
       }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
