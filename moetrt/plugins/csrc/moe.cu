@@ -867,17 +867,18 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // Tile shapes per BM: BN output columns (weight rows) and BK of the reduction per pipeline stage. Operand tiles are
 // [rows][BK] of 16-bit elements with the 16-byte chunk c of row r stored at chunk c ^ (r % 8): cp.async writing
 // rows and ldmatrix reading one chunk of 8 consecutive rows then both touch all 32 banks once. (32-wide k-tiles,
-// 64-byte rows, measured slower: docs/performance.md.)
-#ifndef MOETRT_GEMM32_BN
-#define MOETRT_GEMM32_BN 128
-#endif
+// 64-byte rows, measured slower: docs/performance.md.) BN is 128, except for 32-row tiles at decode sizes (up to
+// kGemmNarrowMax assignments): a decode step of 24-32 tokens routes to ~13 experts, whose 128-column tiles (~100 for
+// FC2) leave much of the 264-block grid idle, while 64-column tiles (48 KB, 4 blocks an SM) spread them (H100, first 8
+// layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
+// prefill, also on 32-row tiles, is ~1% faster with 128 (docs/performance.md).
+constexpr int kGemmNarrowMax = 64;
 #ifndef MOETRT_GEMM32_BK
 #define MOETRT_GEMM32_BK 64
 #endif
 #ifndef MOETRT_GEMM32_STAGES
 #define MOETRT_GEMM32_STAGES 4
 #endif
-template <int BM> __host__ __device__ constexpr int gemm_bn() { return BM == 32 ? MOETRT_GEMM32_BN : 128; }
 template <int BM> __host__ __device__ constexpr int gemm_bk() { return BM == 32 ? MOETRT_GEMM32_BK : 64; }
 template <int BK> __device__ __forceinline__ int swizzled(int r, int chunk) {
   static_assert(BK >= 64 && BK % 64 == 0, "the swizzle needs rows of a multiple of 128 bytes");
@@ -890,8 +891,8 @@ template <int BM> __host__ __device__ constexpr int gemm_stages() {
 // warp means more fragment loads per MMA.
 template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
 template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
-template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() {
-  return gemm_stages<BM>() * (BM + gemm_bn<BM>()) * gemm_bk<BM>() * 2;
+template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
+  return gemm_stages<BM>() * (BM + BN) * gemm_bk<BM>() * 2;
 }
 
 // A block computes BM x BN output tiles of one expert (BM = 32, 64, 128 follows the tokens per expert, so that
@@ -902,13 +903,13 @@ template <int BM> __host__ __device__ constexpr int gemm_smem_bytes() {
 // tid / 8 + i * (threads / 8) of every tile, and so holds its own rows' token indices (looked up one item ahead).
 // kOut (FC2 of top-1): the finalize fused in, as in the GEMV regime: out[t] = residual[t] + prob[t] * row, and
 // (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
-template <typename T, bool FC1, int BM, bool kOut>
+template <typename T, bool FC1, int BM, int BN, bool kOut>
 __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
-  constexpr int BN = gemm_bn<BM>(), BK = gemm_bk<BM>();
+  constexpr int BK = gemm_bk<BM>();
   constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
   constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
   constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
@@ -1150,35 +1151,37 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
 }
 
 
-template <typename T, bool FC1, int BM, bool kOut = false>
+template <typename T, bool FC1, int BM, int BN, bool kOut = false>
 void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                         bool may_drop, int tokens, int rows, int K, int act_kind, cudaStream_t stream) {
-  constexpr int bytes = gemm_smem_bytes<BM>();
+  constexpr int bytes = gemm_smem_bytes<BM, BN>();
   static int per_sm = 0;  // the shared-memory limit is raised, and the resident blocks found, once per process
   if (!per_sm) {
-    cudaFuncSetAttribute(expert_gemm_kernel<T, FC1, BM, kOut>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, kOut>, gemm_threads<BM>(),
+    cudaFuncSetAttribute(expert_gemm_kernel<T, FC1, BM, BN, kOut>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, BN, kOut>, gemm_threads<BM>(),
                                                   bytes);
     per_sm = std::max(1, per_sm);
   }
-  launch_if(false, expert_gemm_kernel<T, FC1, BM, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
+  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
             input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
 }
 
 // FC1 with row tiles of BM; FC2 with 128-row tiles where FC1 has 64 (measured at 4096 tokens, 64 per expert: one
 // tile per expert took FC2 from 256 to 225 us and FC1 from 276 to 299 us); top-1's FC2 writes the output.
-template <typename T, int BM>
+template <typename T, int BM, int BN = 128>
 void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
                  const T* residual, T* out, bool fused_out, bool may_drop, int tokens, int h, int f, int act_kind,
                  cudaStream_t stream) {
   constexpr int BM2 = BM == 64 ? 128 : BM;
-  launch_expert_gemm<T, true, BM>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, tokens, f, h, act_kind, stream);
+  launch_expert_gemm<T, true, BM, BN>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, tokens, f, h, act_kind,
+                                      stream);
   const T* act = static_cast<const T*>(w.act);
   if (fused_out)
-    launch_expert_gemm<T, false, BM2, true>(act, fc2_w, fc2_b, w, residual, out, may_drop, tokens, h, f, act_kind,
-                                            stream);
+    launch_expert_gemm<T, false, BM2, BN, true>(act, fc2_w, fc2_b, w, residual, out, may_drop, tokens, h, f,
+                                                act_kind, stream);
   else
-    launch_expert_gemm<T, false, BM2>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind, stream);
+    launch_expert_gemm<T, false, BM2, BN>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind,
+                                          stream);
 }
 
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
@@ -1233,7 +1236,10 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
       const bool fused = top_k == 1, drop = capacity > 0;
-      if (bm == 32)
+      if (bm == 32 && A <= kGemmNarrowMax)
+        launch_gemm<T, 32, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f,
+                               act_kind, stream);
+      else if (bm == 32)
         launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f, act_kind,
                            stream);
       else if (bm == 64)
