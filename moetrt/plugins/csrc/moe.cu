@@ -11,9 +11,6 @@
 #include <algorithm>
 #include <type_traits>
 
-#include <cuda.h>  // CUtensorMap (the types only: the encoder comes from the runtime's driver entry point)
-#include <cudaTypedefs.h>
-
 #include "common.cuh"
 
 using namespace moetrt;
@@ -906,11 +903,10 @@ template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
 // tid / 8 + i * (threads / 8) of every tile, and so holds its own rows' token indices (looked up one item ahead).
 // kOut (FC2 of top-1): the finalize fused in, as in the GEMV regime: out[t] = residual[t] + prob[t] * row, and
 // (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
-template <typename T, bool FC1, int BM, int BN, bool kOut, bool kTma>
+template <typename T, bool FC1, int BM, int BN, bool kOut>
 __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
-    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind,
-    const __grid_constant__ CUtensorMap tmap) {
+    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
   constexpr int BK = gemm_bk<BM>();
@@ -918,23 +914,9 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
   constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
   extern __shared__ __align__(128) unsigned char smem[];
-  // kTma: B tiles by the tensor-memory accelerator, whose 128-byte swizzle (16-byte unit u of row r at u ^ (r % 8)
-  // within each 1024-byte group) is `swizzled` when the tiles start 1024-aligned (the launch adds 1 KB)
-  T* As = reinterpret_cast<T*>(kTma ? smem + ((1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023) : smem);
+  T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
   T* Bs = As + S * BM * BK;            // [S][BN * BK]
   __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
-  __shared__ __align__(8) uint64_t full_bar[S];
-  if constexpr (kTma) {
-#if __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < S; ++i)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(unsigned(__cvta_generic_to_shared(&full_bar[i]))));
-      asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
-    }
-#else
-    __trap();
-#endif
-  }
   enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
@@ -1027,26 +1009,10 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
         const bool ok = a_ptr[i] && k_ok;
         cp_async16(a + a_off[i], ok ? a_ptr[i] + kofs : input, ok);
       }
-      if constexpr (kTma) {
-#if __CUDA_ARCH__ >= 900
-        if (threadIdx.x == 0) {  // the stage's earlier reads (generic proxy) are ordered by the barrier before
-          const unsigned bar = unsigned(__cvta_generic_to_shared(&full_bar[stage]));
-          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-          asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(BN * BK * 2)
-                       : "memory");
-          asm volatile(
-              "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-              "[%4];\n" ::"r"(unsigned(__cvta_generic_to_shared(b))), "l"(reinterpret_cast<uint64_t>(&tmap)),
-              "r"(kofs), "r"(ld.e * rows + ld.n0), "r"(bar)
-              : "memory");
-        }
-#endif
-      } else {
 #pragma unroll
-        for (int i = 0; i < BR; ++i) {
-          const bool ok = i < b_rows && k_ok;
-          cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
-        }
+      for (int i = 0; i < BR; ++i) {
+        const bool ok = i < b_rows && k_ok;
+        cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
       }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
@@ -1076,15 +1042,6 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
           for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
     }
     cp_async_wait<S - 2>();
-    if constexpr (kTma) {
-#if __CUDA_ARCH__ >= 900
-      const unsigned bar = unsigned(__cvta_generic_to_shared(&full_bar[s % S])), parity = (s / S) & 1;
-      unsigned done = 0;
-      while (!done)
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-#endif
-    }
     __syncthreads();  // step s visible to all; stage (s - 1) % S no longer read
     load_next((s + S - 1) % S);
     const T* a = As + (s % S) * BM * BK;
@@ -1194,60 +1151,19 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
 }
 
 
-#ifndef MOETRT_GEMM_TMA
-#define MOETRT_GEMM_TMA 0  // build-time switch for A/Bs: the grouped GEMM's weight tiles by TMA (sm_90+)
-#endif
-// A 2-D tensor map over weight [experts * rows, K] for boxes of BN rows x BK columns, 128-byte swizzle, 256-byte L2
-// promotion; false when the driver's encoder is unavailable.
-template <typename T>
-bool weight_tensor_map(CUtensorMap* map, const T* weight, int64_t all_rows, int K, int BK, int BN) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  if (!encode) {
-    cudaDriverEntryPointQueryResult q;
-    void* fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess || !fn)
-      return false;
-    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }
-  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(all_rows)}, strides[1] = {cuuint64_t(K) * sizeof(T)};
-  const cuuint32_t box[2] = {cuuint32_t(BK), cuuint32_t(BN)}, elem[2] = {1, 1};
-  const CUtensorMapDataType dt = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                                 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return encode(map, dt, 2, const_cast<T*>(weight), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-template <typename T, bool FC1, int BM, int BN, bool kOut, bool kTma>
-void launch_expert_gemm_as(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual,
-                           T* out, bool may_drop, int tokens, int rows, int K, int act_kind, const CUtensorMap& map,
-                           cudaStream_t stream) {
-  constexpr int bytes = gemm_smem_bytes<BM, BN>() + (kTma ? 1024 : 0);
-  static int per_sm = 0;  // the shared-memory limit is raised, and the resident blocks found, once per process
-  if (!per_sm) {
-    cudaFuncSetAttribute(expert_gemm_kernel<T, FC1, BM, BN, kOut, kTma>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         bytes);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, BN, kOut, kTma>,
-                                                  gemm_threads<BM>(), bytes);
-    per_sm = std::max(1, per_sm);
-  }
-  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut, kTma>, sm_count() * per_sm, gemm_threads<BM>(), bytes,
-            stream, input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind,
-            map);  // one wave, persistent
-}
-
 template <typename T, bool FC1, int BM, int BN, bool kOut = false>
 void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
-                        bool may_drop, int tokens, int rows, int K, int act_kind, int experts, cudaStream_t stream) {
-  CUtensorMap map{};
-  if (MOETRT_GEMM_TMA && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 &&
-      weight_tensor_map(&map, weight, int64_t(experts) * rows, K, gemm_bk<BM>(), BN))
-    launch_expert_gemm_as<T, FC1, BM, BN, kOut, true>(input, weight, bias, w, residual, out, may_drop, tokens, rows, K,
-                                                      act_kind, map, stream);
-  else
-    launch_expert_gemm_as<T, FC1, BM, BN, kOut, false>(input, weight, bias, w, residual, out, may_drop, tokens, rows,
-                                                       K, act_kind, map, stream);
+                        bool may_drop, int tokens, int rows, int K, int act_kind, cudaStream_t stream) {
+  constexpr int bytes = gemm_smem_bytes<BM, BN>();
+  static int per_sm = 0;  // the shared-memory limit is raised, and the resident blocks found, once per process
+  if (!per_sm) {
+    cudaFuncSetAttribute(expert_gemm_kernel<T, FC1, BM, BN, kOut>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, BN, kOut>, gemm_threads<BM>(),
+                                                  bytes);
+    per_sm = std::max(1, per_sm);
+  }
+  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
+            input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
 }
 
 // FC1 with row tiles of BM; FC2 with 128-row tiles where FC1 has 64 (measured at 4096 tokens, 64 per expert: one
@@ -1255,17 +1171,17 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
 template <typename T, int BM, int BN = 128>
 void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
                  const T* residual, T* out, bool fused_out, bool may_drop, int tokens, int h, int f, int act_kind,
-                 int experts, cudaStream_t stream) {
+                 cudaStream_t stream) {
   constexpr int BM2 = BM == 64 ? 128 : BM;
   launch_expert_gemm<T, true, BM, BN>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, tokens, f, h, act_kind,
-                                      experts, stream);
+                                      stream);
   const T* act = static_cast<const T*>(w.act);
   if (fused_out)
     launch_expert_gemm<T, false, BM2, BN, true>(act, fc2_w, fc2_b, w, residual, out, may_drop, tokens, h, f,
-                                                act_kind, experts, stream);
+                                                act_kind, stream);
   else
     launch_expert_gemm<T, false, BM2, BN>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind,
-                                          experts, stream);
+                                          stream);
 }
 
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
@@ -1322,16 +1238,16 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
       const bool fused = top_k == 1, drop = capacity > 0;
       if (bm == 32 && A <= kGemmNarrowMax)
         launch_gemm<T, 32, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f,
-                               act_kind, experts, stream);
+                               act_kind, stream);
       else if (bm == 32)
         launch_gemm<T, 32>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f, act_kind,
-                           experts, stream);
+                           stream);
       else if (bm == 64)
         launch_gemm<T, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f, act_kind,
-                           experts, stream);
+                           stream);
       else
         launch_gemm<T, 128>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f,
-                            act_kind, experts, stream);
+                            act_kind, stream);
       if (fused) return launch_status();
     }
   } else {
