@@ -401,10 +401,10 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
                 cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
   const bool prefetch = prefetch_weights<T>(N, K);
-  auto kernel = K > kMmaChunk * kGemvWarps ? gemv_mma_kernel<T, M, false, 4, kEpi>
-                                            : gemv_mma_kernel<T, M, false, 1, kEpi>;
+  const bool one_chunk = K <= kMmaChunk * kGemvWarps;  // a chunk a warp
+  auto kernel = one_chunk ? gemv_mma_kernel<T, M, false, 1, kEpi> : gemv_mma_kernel<T, M, false, 4, kEpi>;
   if constexpr (M > 16) {  // one wave at 3 blocks an SM, not at 2 (mma_min_blocks)
-    if (K <= kMmaChunk * kGemvWarps && blocks > 2u * sm_count() && blocks <= 3u * sm_count())
+    if (one_chunk && blocks > 2u * sm_count() && blocks <= 3u * sm_count())
       kernel = gemv_mma_kernel<T, M, false, 1, kEpi, 3>;
   }
   launch(kernel, blocks, kGemvWarps * 32, 0, stream, x, w, bias, y, rows, N, K, act, prefetch, AddLn<T>{}, epi);
