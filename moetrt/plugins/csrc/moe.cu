@@ -873,15 +873,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
 // prefill, also on 32-row tiles, is ~1% faster with 128 (docs/performance.md).
 constexpr int kGemmNarrowMax = 64;
-#ifndef MOETRT_PROBE_PACKED
-#define MOETRT_PROBE_PACKED 0
-#endif
-#ifndef MOETRT_PROBE_SPLITK
-#define MOETRT_PROBE_SPLITK 1
-#endif
-#ifndef MOETRT_PROBE_NOMMA
-#define MOETRT_PROBE_NOMMA 0
-#endif
 #ifndef MOETRT_GEMM32_BK
 #define MOETRT_GEMM32_BK 64
 #endif
@@ -955,13 +946,12 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   }
   __syncthreads();
   const int n_tiles = (rows + BN - 1) / BN;
-  constexpr int KS = FC1 ? 1 : MOETRT_PROBE_SPLITK;  // timing probe: FC2 items split in K (wrong results)
-  const int total = tile_start_s[n_active] * n_tiles * KS;
-  const int k_tiles = (K / KS + BK - 1) / BK;
+  const int total = tile_start_s[n_active] * n_tiles;
+  const int k_tiles = (K + BK - 1) / BK;
   const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  struct Tile { int e, m0, n0, count, off, k0; };
+  struct Tile { int e, m0, n0, count, off; };
   auto describe = [&](int j) {  // this block's j-th item
-    const int item0 = blockIdx.x + j * gridDim.x, item = item0 / KS, mt_all = item / n_tiles;
+    const int item = blockIdx.x + j * gridDim.x, mt_all = item / n_tiles;
     int lo = 0, hi = n_active;  // the active expert whose row tiles hold mt_all
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
@@ -974,7 +964,6 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     t.n0 = (item % n_tiles) * BN;
     t.count = count_s[lo];
     t.off = off_s[lo];
-    t.k0 = (item0 % KS) * (K / KS);
     return t;
   };
   // the row of `input` behind each A row this thread copies (-1: past the expert's tokens); for FC1 in two
@@ -1003,12 +992,8 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   Tile ld{}, nx{};
   auto enter_item = [&]() {
 #pragma unroll
-    for (int i = 0; i < AR; ++i) a_ptr[i] = ld_src[i] >= 0 ? input + int64_t(ld_src[i]) * K + ch * 8 + ld.k0 : nullptr;
-#if MOETRT_PROBE_PACKED  // timing probe only: B as [e][rows/BN][K/BK][BN][BK] (wrong results)
-    b_ptr = weight + (int64_t(ld.e) * rows + ld.n0) * K + row_lo * BK + ch * 8;
-#else
-    b_ptr = weight + (int64_t(ld.e) * rows + ld.n0 + row_lo) * K + ch * 8 + ld.k0;
-#endif
+    for (int i = 0; i < AR; ++i) a_ptr[i] = ld_src[i] >= 0 ? input + int64_t(ld_src[i]) * K + ch * 8 : nullptr;
+    b_ptr = weight + (int64_t(ld.e) * rows + ld.n0 + row_lo) * K + ch * 8;
     b_rows = min(BR, (rows - ld.n0 - row_lo + kRowStep - 1) / kRowStep);
   };
   if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); enter_item(); }
@@ -1027,11 +1012,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
 #pragma unroll
       for (int i = 0; i < BR; ++i) {
         const bool ok = i < b_rows && k_ok;
-#if MOETRT_PROBE_PACKED
-        cp_async16<true>(b + b_off[i], ok ? b_ptr + i * kRowStep * BK + int64_t(kofs) * BN : weight, ok);
-#else
         cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
-#endif
       }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
@@ -1077,12 +1058,9 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
         ldmatrix_x4(bf[buf][nj], b + swizzled<BK>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                   kk * 2 + ((lane >> 3) & 1)));
     };
-#if MOETRT_PROBE_NOMMA
-    if (cur.e < 0)  // never: the MMAs skipped (timing probe only)
-#endif
     load_fragments(0, 0);
 #pragma unroll
-    for (int kk = 0; kk < BK / 16 && !MOETRT_PROBE_NOMMA; ++kk) {
+    for (int kk = 0; kk < BK / 16; ++kk) {
       if (kk + 1 < BK / 16) load_fragments((kk + 1) & 1, kk + 1);
       const int cb = kk & 1;
 #pragma unroll
