@@ -473,82 +473,10 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
 // it (the grouped GEMM at 17-64 assignments: H100, 350M decode graph at batch 32, two alternating rounds,
 // 1.9382-1.9493 ms against 1.9740-1.9741 with route_kernel).
 constexpr int kSmallRouteMax = 64;
-
-// What FC1 reads first, for the routing kernel's helper blocks to pull into L2 while DRAM would otherwise idle
-// (the routing, and FC1's start, read next to nothing).
-#ifndef MOETRT_ROUTE_PREFETCH_KB
-#define MOETRT_ROUTE_PREFETCH_KB 8192
-#endif
-struct Fc1Prefetch {
-  const char* w1;      // FC1 weights [experts][rows][row_bytes]
-  int64_t row_bytes;   // K * element size
-  int rows;            // FC1 output rows (ffn)
-  int gemm_items;      // grouped-GEMM regime: items of FC1's first wave (64-column tiles); 0: tensor-core GEMVs
-  int64_t budget;      // bytes
-};
-
-// A helper block of route_small_kernel: the experts hit (each token's top-k, as warp_topk picks them, ascending as
-// the active list), then prefetch_l2 of its share of `budget` bytes of what FC1 reads first. The tensor-core GEMV
-// blocks run slot-fastest, so rows [0, r) of every active expert; the grouped GEMM's first wave is items 0..n-1
-// (an active expert's 64-column tiles in order), each streaming its rows k-tile by k-tile, so the first bytes of
-// each of their rows. Writes nothing.
-__device__ void prefetch_fc1(const Workspace& w, int tokens, int experts, int top_k, const Fc1Prefetch& pf) {
-  __shared__ unsigned hit_s[kMaxExperts / 32];
-  __shared__ int32_t list_s[kMaxExperts];
-  __shared__ int n_s;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  enter_after_predecessor();
-  if (threadIdx.x < kMaxExperts / 32) hit_s[threadIdx.x] = 0;
-  __syncthreads();
-  for (int t = warp; t < tokens; t += blockDim.x >> 5) {
-    const float* l = w.logits + int64_t(t) * experts;
-    int first = -1;
-    for (int k = 0; k < top_k; ++k) {
-      float best;
-      int arg;
-      warp_argmax(l, experts, first, best, arg);
-      if (lane == 0 && arg < experts) atomicOr(&hit_s[arg >> 5], 1u << (arg & 31));
-      if (k == 0) first = arg;
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int n = 0;
-    for (int i = 0; i < (experts + 31) / 32; ++i)
-      for (unsigned m = hit_s[i]; m; m &= m - 1) list_s[n++] = i * 32 + __ffs(m) - 1;
-    n_s = n;
-  }
-  __syncthreads();
-  const int n = n_s;
-  if (n == 0) return;
-  const int64_t tid = int64_t(blockIdx.x - 1) * blockDim.x + threadIdx.x, threads = int64_t(gridDim.x - 1) * blockDim.x;
-  const int64_t matrix = int64_t(pf.rows) * pf.row_bytes;
-  if (pf.gemm_items == 0) {
-    const int64_t lines = min(matrix, pf.budget / n) / 128;  // per expert, from its first row
-    for (int64_t i = tid; i < lines * n; i += threads)
-      prefetch_l2(pf.w1 + list_s[i / lines] * matrix + (i % lines) * 128);
-  } else {
-    const int tiles = pf.rows / 64, items = min(pf.gemm_items, n * tiles);
-    const int64_t per_row = max(int64_t(1), min(pf.row_bytes, pf.budget / (int64_t(items) * 64)) / 128);  // lines
-    const int64_t per_item = 64 * per_row;
-    for (int64_t i = tid; i < items * per_item; i += threads) {
-      const int item = static_cast<int>(i / per_item);
-      const int64_t r = i % per_item;
-      const int row = (item % tiles) * 64 + static_cast<int>(r / per_row);
-      prefetch_l2(pf.w1 + list_s[item / tiles] * matrix + row * pf.row_bytes + (r % per_row) * 128);
-    }
-  }
-}
-
-// Block 0 routes; blocks 1.. (if any) are prefetch_fc1 helpers.
 __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
-                                                            int capacity, Fc1Prefetch pf) {
+                                                            int capacity) {
   __shared__ int32_t count_s[kMaxExperts];  // per-expert assignment counts, then the experts' first positions
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (blockIdx.x > 0) {
-    prefetch_fc1(w, tokens, experts, top_k, pf);
-    return;
-  }
   enter_after_predecessor();
   for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) count_s[e] = 0;
@@ -1298,12 +1226,8 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
   const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
   if (A <= kSmallRouteMax) {
-    Fc1Prefetch pf{reinterpret_cast<const char*>(fc1_w), int64_t(h) * int64_t(sizeof(T)), f, 0,
-                   int64_t(MOETRT_ROUTE_PREFETCH_KB) * 1024};
-    if (kGemm) pf.gemm_items = sm_count() * 4;  // FC1's 64-column tiles run 4 blocks an SM
-    const bool helpers = sizeof(T) == 2 && pf.budget > 0 && f % 64 == 0;
-    launch_if(programmatic, route_small_kernel, helpers ? 1 + sm_count() : 1, 32 * std::min(tokens, 32), 0, stream, w,
-              tokens, experts, top_k, capacity, pf);
+    launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
+              capacity);
   } else {
     launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
     launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
