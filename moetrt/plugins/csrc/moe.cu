@@ -891,14 +891,6 @@ template <int BM> __host__ __device__ constexpr int gemm_stages() {
 // warp means more fragment loads per MMA.
 template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
 template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
-// FC2 at decode sizes (the 64-column tiles) is launched programmatically and loads its first weight tiles before
-// its wait, while FC1's last blocks run.
-#ifndef MOETRT_GEMM_EARLY_FC2
-#define MOETRT_GEMM_EARLY_FC2 1
-#endif
-template <bool FC1, int BN> __host__ __device__ constexpr bool gemm_early() {
-  return MOETRT_GEMM_EARLY_FC2 && !FC1 && BN == 64;
-}
 template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
   return gemm_stages<BM>() * (BM + BN) * gemm_bk<BM>() * 2;
 }
@@ -917,7 +909,6 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
-  constexpr bool kEarly = gemm_early<FC1, BN>();
   constexpr int BK = gemm_bk<BM>();
   constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
   constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
@@ -926,11 +917,11 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
   T* Bs = As + S * BM * BK;            // [S][BN * BK]
   __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
-  if constexpr (!kEarly) enter_after_predecessor();
+  enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
   const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
-  if (!kEarly && kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int n_active = w.active[0];
   for (int i = threadIdx.x; i < n_active; i += blockDim.x) {
     const int e = w.active[1 + i];
@@ -1007,30 +998,22 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   };
   if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); enter_item(); }
   if (n_mine > 1) { nx = describe(1); source_rows(nx, nx_src); }
-  auto load_a = [&](int stage, int kt) {  // the cursor item's k-tile kt into `stage`
-    const int kofs = kt * BK;
-    const bool k_ok = kofs + ch * 8 < K;
-    T* a = As + stage * BM * BK;
-#pragma unroll
-    for (int i = 0; i < AR; ++i) {
-      const bool ok = a_ptr[i] && k_ok;
-      cp_async16(a + a_off[i], ok ? a_ptr[i] + kofs : input, ok);
-    }
-  };
-  auto load_b = [&](int stage, int kt) {
-    const int kofs = kt * BK;
-    const bool k_ok = kofs + ch * 8 < K;
-    T* b = Bs + stage * BN * BK;
-#pragma unroll
-    for (int i = 0; i < BR; ++i) {
-      const bool ok = i < b_rows && k_ok;
-      cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
-    }
-  };
   auto load_next = [&](int stage) {  // one commit group per k-tile, empty once this block's items are all loaded
     if (ld_j < n_mine) {
-      load_a(stage, ld_kt);
-      load_b(stage, ld_kt);
+      const int kofs = ld_kt * BK;
+      const bool k_ok = kofs + ch * 8 < K;
+      T* a = As + stage * BM * BK;
+      T* b = Bs + stage * BN * BK;
+#pragma unroll
+      for (int i = 0; i < AR; ++i) {
+        const bool ok = a_ptr[i] && k_ok;
+        cp_async16(a + a_off[i], ok ? a_ptr[i] + kofs : input, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < BR; ++i) {
+        const bool ok = i < b_rows && k_ok;
+        cp_async16<true>(b + b_off[i], ok ? b_ptr + int64_t(i) * kRowStep * K + kofs : weight, ok);
+      }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
         if (++ld_j < n_mine) {
@@ -1043,33 +1026,8 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     }
     cp_async_commit();
   };
-  if constexpr (kEarly) {
-    // the first item's weight tiles for stages 0..S-2 in one group before the wait (the routing they follow was
-    // written two kernels back), its activation tiles after it, one group each: wait_group<S - 2> below still means
-    // "step s landed"
-    const bool early = n_mine > 0 && k_tiles > S - 1;
-    if (early) {
 #pragma unroll
-      for (int s = 0; s < S - 1; ++s) load_b(s, s);
-    }
-    cp_async_commit();
-    enter_after_predecessor();
-    if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
-    if (early) {
-#pragma unroll
-      for (int s = 0; s < S - 1; ++s) {
-        load_a(s, s);
-        cp_async_commit();
-      }
-      ld_kt = S - 1;
-    } else {
-#pragma unroll
-      for (int s = 0; s < S - 1; ++s) load_next(s);
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) load_next(s);  // wait_group<S - 2> below then always means "step s landed"
-  }
+  for (int s = 0; s < S - 1; ++s) load_next(s);  // wait_group<S - 2> below then always means "step s landed"
   float acc[MI][NI][4];
   Tile cur{};
   const int steps = n_mine * k_tiles;
@@ -1204,8 +1162,8 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
                                                   bytes);
     per_sm = std::max(1, per_sm);
   }
-  launch_if(gemm_early<FC1, BN>(), expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(),
-            bytes, stream, input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave
+  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
+            input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
 }
 
 // FC1 with row tiles of BM; FC2 with 128-row tiles where FC1 has 64 (measured at 4096 tokens, 64 per expert: one
