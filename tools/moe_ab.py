@@ -1,15 +1,15 @@
 """A/B of kernel-library builds on the MoE layer at decode sizes (on the GPU machine).
 
-    [MOE_AB_TOKENS=1,8,16] [MOE_AB_EXPERTS=E] python3 tools/moe_ab.py LIB [LIB ...]
+    [MOE_AB_TOKENS=1,8,16] [MOE_AB_EXPERTS=E] [MOE_AB_PROFILE=1] python3 tools/moe_ab.py LIB [LIB ...]
 
 Per library (each in its own process, MOETRT_KERNELS_LIB): the 64-expert h1024 f4096 fp16 layer at 1, 8 and 16
-tokens (or MOE_AB_TOKENS), timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight sets), with and
-without programmatic launch. Routing is uniform over all experts, or with MOE_AB_EXPERTS=E over the first E only
-(the other gate rows zeroed), as the skewed routing of an engine's random-weight gate hits fewer experts. Prints the
-experts hit (mean over the 8 weight sets) and their weights' bytes per microsecond of the layer; with
-MOE_AB_PROFILE=1 also each kernel's mean duration (start to end, torch.profiler over graph replays). A kernel-level A/B
-only: check a winner in an engine (`moetrt bench ENGINE`) before landing it: a one-kernel MoE that won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step
-(docs/performance.md)."""
+tokens (or MOE_AB_TOKENS), timed as `moetrt bench kernels` times it (CUDA-graph replays of 8 calls over 8 weight
+sets), with and without programmatic launch. Routing is uniform over all experts, or with MOE_AB_EXPERTS=E over
+the first E only (the other gate rows zeroed), as the skewed routing of an engine's random-weight gate hits fewer
+experts. Prints the experts hit (mean over the 8 weight sets) and their weights' bytes per microsecond of the layer;
+with MOE_AB_PROFILE=1 also each kernel's mean duration (start to end, torch.profiler over graph replays). A
+kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before landing it: a one-kernel MoE that
+won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step (docs/performance.md)."""
 
 
 def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):
