@@ -3,12 +3,14 @@ against a torch float32 computation on the GPU. Diagnostic for tuning; not part 
 
     python3 tools/profile_moe.py            # 1, 8, 32, 512 and 4096 tokens
     python3 tools/profile_moe.py --ncu 8    # 8 tokens only, four calls with the weights cold (a 256 MB write
-                                            # before each), no profiler of its own: for Nsight Compute, e.g.
+                                            # before each), no profiler of its own (PROFILE_MOE_EXPERTS=E:
+                                            # routed over the first E experts only): for Nsight Compute, e.g.
     ncu --clock-control none -k regex:expert_ --launch-skip 2 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
         python3 tools/profile_moe.py --ncu 8
 
 `--clock-control none` leaves the GPU's clocks alone (ncu's default locks them to base clock while it profiles)."""
+import os
 import sys
 
 import torch
@@ -26,6 +28,7 @@ b2 = (0.1 * torch.randn(E, h, device="cuda", generator=g)).to(dt)
 
 if sys.argv[1:2] == ["--ncu"]:
     N = int(sys.argv[2])
+    wg[int(os.environ.get("PROFILE_MOE_EXPERTS", E)):] = 0  # logits 0 there: the first E experts win
     x = torch.randn(N, h, device="cuda").to(dt)
     out = torch.empty((N, h), device="cuda", dtype=dt)
     ws = torch.zeros(launch.moe_workspace_size(N, h, f, E, 1, "fp16"), dtype=torch.uint8, device="cuda")

@@ -873,6 +873,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
 // prefill, also on 32-row tiles, is ~1% faster with 128 (docs/performance.md).
 constexpr int kGemmNarrowMax = 64;
+#ifndef MOETRT_GEMM_SKIP_PAD
+#define MOETRT_GEMM_SKIP_PAD 1
+#endif
+constexpr bool kSkipPad = MOETRT_GEMM_SKIP_PAD;
 #ifndef MOETRT_GEMM32_BK
 #define MOETRT_GEMM32_BK 64
 #endif
@@ -1049,10 +1053,15 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     // fragments double-buffered in registers: ldmatrix for k-step kk + 1 is issued before the MMAs of kk (asm
     // volatile keeps source order, so this order is the schedule)
     uint32_t af[2][MI][4], bf[2][NI / 2][4];
+    // 32-row tiles: an m-tile past the item's tokens holds zero rows, its fragments and MMAs are skipped (at decode
+    // sizes a tile has ~1-3 tokens: half of its MMAs). Not in the wider tiles: there the branches cost more than
+    // they save (4096 tokens 612 against 537 us, H100, docs/performance.md).
+    const int live = kSkipPad && BM == 32 ? cur.count - cur.m0 - wm0 : BM;
     auto load_fragments = [&](int buf, int kk) {
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
-        ldmatrix_x4(af[buf][mi], a + swizzled<BK>(wm0 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+        if (mi * 16 < live)
+          ldmatrix_x4(af[buf][mi], a + swizzled<BK>(wm0 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj)  // n-tiles 2nj and 2nj + 1: (n 0-7 | 8-15) x (k 0-7 | 8-15)
         ldmatrix_x4(bf[buf][nj], b + swizzled<BK>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
@@ -1065,9 +1074,11 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
       const int cb = kk & 1;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
+        if (mi * 16 < live) {
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-          mma_16816<T>(acc[mi][ni], af[cb][mi], bf[cb][ni / 2][(ni % 2) * 2], bf[cb][ni / 2][(ni % 2) * 2 + 1]);
+          for (int ni = 0; ni < NI; ++ni)
+            mma_16816<T>(acc[mi][ni], af[cb][mi], bf[cb][ni / 2][(ni % 2) * 2], bf[cb][ni / 2][(ni % 2) * 2 + 1]);
+        }
     }
     if (++kt < k_tiles) continue;
     kt = 0;
