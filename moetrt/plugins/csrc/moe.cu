@@ -894,17 +894,7 @@ template <int BM> __host__ __device__ constexpr int gemm_stages() {
 // Warps over the rows of a tile (4 more over its BN columns each): more warps hide more latency, fewer rows a
 // warp means more fragment loads per MMA.
 template <int BM> __host__ __device__ constexpr int gemm_warps_m() { return BM >= 64 ? 2 : 1; }
-// Warp groups over each k-tile's k-steps: the decode-size tiles (32 x 64) take two (8 warps, 256 threads), each
-// over half of a k-tile's MMAs, their partial sums added once an item through the shared memory of its last stage.
-#ifndef MOETRT_GEMM_KSPLIT
-#define MOETRT_GEMM_KSPLIT 2
-#endif
-template <int BM, int BN> __host__ __device__ constexpr int gemm_ksplit() {
-  return BM == 32 && BN == 64 ? MOETRT_GEMM_KSPLIT : 1;
-}
-template <int BM, int BN> __host__ __device__ constexpr int gemm_threads() {
-  return 128 * gemm_warps_m<BM>() * gemm_ksplit<BM, BN>();
-}
+template <int BM> __host__ __device__ constexpr int gemm_threads() { return 128 * gemm_warps_m<BM>(); }
 template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
   return gemm_stages<BM>() * (BM + BN) * gemm_bk<BM>() * 2;
 }
@@ -918,17 +908,14 @@ template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
 // kOut (FC2 of top-1): the finalize fused in, as in the GEMV regime: out[t] = residual[t] + prob[t] * row, and
 // (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
 template <typename T, bool FC1, int BM, int BN, bool kOut>
-__global__ void __launch_bounds__(gemm_threads<BM, BN>(), gemm_ksplit<BM, BN>() > 1 ? 4 : 1) expert_gemm_kernel(
+__global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
     const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
   static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
   constexpr int BK = gemm_bk<BM>();
   constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
-  constexpr int KS = gemm_ksplit<BM, BN>(), KK = BK / 16 / KS;  // warp groups, and k-steps each of a k-tile
-  static_assert(KK * KS * 16 == BK && (KS == 1 || (WM == 1 && BN * BK * 2 >= (KS - 1) * 4 * MI * NI * 4 * 32 * 4)),
-                "k-steps split evenly; the partial sums fit a stage's B tile");
-  constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM, BN>() / kChunks;  // rows per pass of the block
+  constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
   constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
@@ -936,8 +923,7 @@ __global__ void __launch_bounds__(gemm_threads<BM, BN>(), gemm_ksplit<BM, BN>() 
   __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
   enter_after_predecessor();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wq = warp % (4 * WM), kg = warp / (4 * WM);  // this warp in its group's WM x 4 grid; its k-group
-  const int wm0 = (wq / 4) * (BM / WM), wn0 = (wq % 4) * (BN / 4);  // this warp's rows and columns in the tile
+  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
   const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
   if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
   const int n_active = w.active[0];
@@ -1081,11 +1067,11 @@ __global__ void __launch_bounds__(gemm_threads<BM, BN>(), gemm_ksplit<BM, BN>() 
         ldmatrix_x4(bf[buf][nj], b + swizzled<BK>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                   kk * 2 + ((lane >> 3) & 1)));
     };
-    load_fragments(0, kg * KK);
+    load_fragments(0, 0);
 #pragma unroll
-    for (int q = 0; q < KK; ++q) {
-      if (q + 1 < KK) load_fragments((q + 1) & 1, kg * KK + q + 1);
-      const int cb = q & 1;
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if (kk + 1 < BK / 16) load_fragments((kk + 1) & 1, kk + 1);
+      const int cb = kk & 1;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
         if (mi * 16 < live) {
@@ -1097,23 +1083,6 @@ __global__ void __launch_bounds__(gemm_threads<BM, BN>(), gemm_ksplit<BM, BN>() 
     if (++kt < k_tiles) continue;
     kt = 0;
     ++j;
-    if constexpr (KS > 1) {  // the other groups' sums into group 0's, through this stage's B tile (read by all now)
-      float* red = reinterpret_cast<float*>(Bs + (s % S) * BN * BK);
-      constexpr int kPer = MI * NI * 4;  // accumulators a lane
-      __syncthreads();
-      if (kg > 0) {
-#pragma unroll
-        for (int i = 0; i < kPer; ++i)
-          red[(((kg - 1) * 4 + wq) * kPer + i) * 32 + lane] = acc[i / (NI * 4)][(i / 4) % NI][i % 4];
-      }
-      __syncthreads();
-      if (kg > 0) continue;
-#pragma unroll
-      for (int gi = 0; gi < KS - 1; ++gi)
-#pragma unroll
-        for (int i = 0; i < kPer; ++i)
-          acc[i / (NI * 4)][(i / 4) % NI][i % 4] += red[((gi * 4 + wq) * kPer + i) * 32 + lane];
-    }
     // epilogue from the accumulators: lane holds rows g, g + 8 and columns 2t, 2t + 1 of each 16x8 tile
     const int g = lane >> 2, t2 = (lane & 3) * 2;
 #pragma unroll
@@ -1200,11 +1169,11 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
   static int per_sm = 0;  // the shared-memory limit is raised, and the resident blocks found, once per process
   if (!per_sm) {
     cudaFuncSetAttribute(expert_gemm_kernel<T, FC1, BM, BN, kOut>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, BN, kOut>,
-                                                  gemm_threads<BM, BN>(), bytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_gemm_kernel<T, FC1, BM, BN, kOut>, gemm_threads<BM>(),
+                                                  bytes);
     per_sm = std::max(1, per_sm);
   }
-  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM, BN>(), bytes, stream,
+  launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
             input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
 }
 
