@@ -877,9 +877,6 @@ constexpr int kGemmNarrowMax = 64;
 #define MOETRT_GEMM_SKIP_PAD 1
 #endif
 constexpr bool kSkipPad = MOETRT_GEMM_SKIP_PAD;
-#ifndef MOETRT_GEMM_SKIP_A
-#define MOETRT_GEMM_SKIP_A 1
-#endif
 #ifndef MOETRT_GEMM32_BK
 #define MOETRT_GEMM32_BK 64
 #endif
@@ -1013,9 +1010,6 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
       T* b = Bs + stage * BN * BK;
 #pragma unroll
       for (int i = 0; i < AR; ++i) {
-        // 32-row tiles leave the rows past the item's tokens as they are: only those rows' outputs, never stored,
-        // see them (zero-filled columns past K stay: the B tile's are zeros there)
-        if (kSkipPad && BM == 32 && MOETRT_GEMM_SKIP_A && !a_ptr[i]) continue;
         const bool ok = a_ptr[i] && k_ok;
         cp_async16(a + a_off[i], ok ? a_ptr[i] + kofs : input, ok);
       }
