@@ -873,6 +873,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
 // prefill, also on 32-row tiles, is ~1% faster with 128 (docs/performance.md).
 constexpr int kGemmNarrowMax = 64;
+// MOETRT_GEMM_SKIP_PAD=0: build-time switch for A/Bs of the 32-row tiles' skipped m-tile (expert_gemm_kernel)
 #ifndef MOETRT_GEMM_SKIP_PAD
 #define MOETRT_GEMM_SKIP_PAD 1
 #endif
