@@ -389,6 +389,140 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 #endif
 }
 
+// ---- 17-32 rows: NT groups of 8 outputs a block ---------------------------------------------------------------
+// At 32 rows gemv_mma_kernel loads 4 vectors of x (rows g, g + 8, g + 16, g + 24) per weight vector, and each block
+// reads all of x for its 8 outputs. Here a warp applies every x vector it loads to NT weight groups (8 * NT outputs a
+// block), so x is loaded NT times less often. Otherwise as gemv_mma_kernel: the warps split K in chunks (warp i takes
+// i, i + 8, ...), the first kPre chunks of each group's weight rows in registers before the wait and the rest
+// prefetched to L2, partial sums meeting in shared memory in a fixed order, fp32 accumulation.
+#ifndef MOETRT_GEMV_WIDE
+#define MOETRT_GEMV_WIDE 1
+#endif
+template <typename T, int M, int NT, int kPre, int kEpi>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
+    gemv_mma_wide_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                         T* __restrict__ y, int rows, int N, int K, int act, bool prefetch, GemvEpi<T> epi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(M <= 32 && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
+  constexpr int MT = (M + 15) / 16, W = kGemvWarps, NO = 8 * NT, THREADS = kGemvWarps * 32;
+  constexpr int OPT = (M * NO + THREADS - 1) / THREADS;  // outputs a thread writes
+  __shared__ float part[W][M][NO];
+  __shared__ float stat[kEpi == kEpiFolded ? W : 1][M][2];  // per warp and row: sum, squares of x
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * NO, chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  const T* wrow[NT];
+  Vec<T> pre[kPre][NT][kMmaVecs];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    wrow[n] = n0 + 8 * n + g < N ? w + int64_t(n0 + 8 * n + g) * K : nullptr;
+#pragma unroll
+    for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i][n], wrow[n], warp + i * W, K, t);
+    if (prefetch && wrow[n] && t < 2)
+      for (int c = warp + kPre * W; c < chunks; c += W)
+        if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow[n] + c * kMmaChunk + t * 64);
+  }
+  float bias_v[OPT], colsum_v[OPT];
+#pragma unroll
+  for (int o = 0; o < OPT; ++o) {
+    const int i = threadIdx.x + o * THREADS, c = n0 + i % NO;
+    const bool ok = i < M * NO && c < N;
+    bias_v[o] = kEpi == kEpiFolded ? (ok ? epi.bias[c] : 0.f) : (bias && ok ? to_float(bias[c]) : 0.f);
+    colsum_v[o] = kEpi == kEpiFolded && ok ? epi.colsum[c] : 0.f;
+  }
+  enter_after_predecessor();
+  float res[OPT];  // the residual stream's elements, read before the products
+#pragma unroll
+  for (int o = 0; o < OPT; ++o) {
+    const int i = threadIdx.x + o * THREADS, m = i / NO, c = n0 + i % NO;
+    res[o] = kEpi == kEpiResidual && i < M * NO && m < rows && c < N ? to_float(epi.residual[int64_t(m) * N + c]) : 0.f;
+  }
+  float acc[NT][MT][4] = {};
+  const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
+#pragma unroll
+  for (int h = 0; h < 2 * MT; ++h) xr[h] = (8 * h < M && g + 8 * h < rows) ? x + int64_t(g + 8 * h) * K : nullptr;
+  float st[2 * MT], sq[2 * MT];
+#pragma unroll
+  for (int h = 0; h < 2 * MT; ++h) st[h] = sq[h] = 0.f;
+  auto chunk = [&](const Vec<T>(&wv)[NT][kMmaVecs], int c) {
+#pragma unroll
+    for (int u = 0; u < kMmaVecs; ++u) {
+      const int k = c * kMmaChunk + (t + 4 * u) * 8;
+      Vec<T> a[2 * MT];
+#pragma unroll
+      for (int h = 0; h < 2 * MT; ++h) {
+        if (xr[h] && k < K) {
+          a[h].load(xr[h] + k);
+          if constexpr (kEpi == kEpiFolded) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              const float d = to_float(a[h].v[e]);
+              st[h] += d;
+              sq[h] = fmaf(d, d, sq[h]);
+            }
+          }
+        } else {
+          a[h].raw = make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < MT; ++i) mma_gemv_vec<T>(acc[n][i], a[2 * i], a[2 * i + 1], wv[n][u]);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kPre; ++i)
+    if (warp + i * W < chunks) chunk(pre[i], warp + i * W);
+  for (int c = warp + kPre * W; c < chunks; c += W) {
+    Vec<T> wv[NT][kMmaVecs];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) mma_gemv_load(wv[n], wrow[n], c, K, t);
+    chunk(wv, c);
+  }
+  if constexpr (kEpi == kEpiFolded) {
+#pragma unroll
+    for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        st[h] += __shfl_xor_sync(0xffffffffu, st[h], o);
+        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], o);
+      }
+      const int r = g + 8 * h;
+      if (t == 0 && 8 * h < M && r < M) {
+        stat[warp][r][0] = st[h];
+        stat[warp][r][1] = sq[h];
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int h = 0; h < 2 * MT; ++h) {
+      const int r = g + 8 * h;
+      if (8 * h < M && r < M) {
+        part[warp][r][8 * n + 2 * t] = acc[n][h / 2][(h % 2) * 2];
+        part[warp][r][8 * n + 2 * t + 1] = acc[n][h / 2][(h % 2) * 2 + 1];
+      }
+    }
+  __syncthreads();
+#pragma unroll
+  for (int o = 0; o < OPT; ++o) {
+    const int i = threadIdx.x + o * THREADS, m = i / NO, c = i % NO;
+    if (i >= M * NO || m >= rows || n0 + c >= N) continue;
+    float s = 0.f, vs = 0.f, vq = 0.f;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      s += part[j][m][c];
+      if constexpr (kEpi == kEpiFolded) {
+        vs += stat[j][m][0];
+        vq += stat[j][m][1];
+      }
+    }
+    y[int64_t(m) * N + n0 + c] = epilogue<T, kEpi>(s, bias_v[o], colsum_v[o], vs, vq, K, act, epi.eps, res[o]);
+  }
+#endif
+}
+
 // Whether a GEMV prefetches its weight rows' tails into L2 before the wait (kPrefetchMaxBytes).
 template <typename T>
 bool prefetch_weights(int N, int K) {
@@ -402,6 +536,13 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
   const unsigned blocks = static_cast<unsigned>((N + 7) / 8);  // 8 outputs a block
   const bool prefetch = prefetch_weights<T>(N, K);
   const bool one_chunk = K <= kMmaChunk * kGemvWarps;  // a chunk a warp
+  if constexpr (M > 16 && MOETRT_GEMV_WIDE) {  // 16 outputs a block where that still fills the SMs
+    if (one_chunk && N % 16 == 0 && N / 16 >= sm_count()) {
+      launch(gemv_mma_wide_kernel<T, M, 2, 1, kEpi>, static_cast<unsigned>(N / 16), kGemvWarps * 32, 0, stream, x, w,
+             bias, y, rows, N, K, act, prefetch, epi);
+      return;
+    }
+  }
   auto kernel = one_chunk ? gemv_mma_kernel<T, M, false, 1, kEpi> : gemv_mma_kernel<T, M, false, 4, kEpi>;
   if constexpr (M > 16) {  // one wave at 3 blocks an SM, not at 2 (mma_min_blocks)
     if (one_chunk && blocks > 2u * sm_count() && blocks <= 3u * sm_count())
