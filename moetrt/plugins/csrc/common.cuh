@@ -322,38 +322,6 @@ inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
                    Args&&... args) {
   launch_if(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
-// launch() of a grid of clusters of `cluster` blocks along x (sm_90+; the kernel must have sm_90 code:
-// has_sm90_code)
-template <typename... Params, typename... Args>
-inline void launch_cluster(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
-                           unsigned cluster, Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(block);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic_launch_enabled() ? 2 : 1;
-  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-}
-// Whether the code the current device runs for `kernel` was built for sm_90 or later (clusters, distributed shared
-// memory): false for a library built without sm_90 on a Hopper GPU, or on an older GPU.
-template <typename... Params>
-inline bool has_sm90_code(void (*kernel)(Params...)) {
-  static int version = -1;  // one device kind per process (the runtime binds one GPU)
-  if (version < 0) {
-    cudaFuncAttributes a;
-    version = cudaFuncGetAttributes(&a, kernel) == cudaSuccess ? a.binaryVersion : 0;
-  }
-  return version >= 90 && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
-}
 // Rows of work up to which a row-wise kernel's launch counts as decode-sized (programmatic).
 constexpr int64_t kProgrammaticMaxRows = 64;
 

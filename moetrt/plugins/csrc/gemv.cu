@@ -389,64 +389,43 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 #endif
 }
 
-// ---- 17-32 rows: NT groups of 8 outputs a block; K > 1024: split over a cluster ------------------------------
+// ---- 17-32 rows: NT groups of 8 outputs a block ---------------------------------------------------------------
 // At 32 rows gemv_mma_kernel loads 4 vectors of x (rows g, g + 8, g + 16, g + 24) per weight vector, and each block
 // reads all of x for its 8 outputs. Here a warp applies every x vector it loads to NT weight groups (8 * NT outputs a
 // block), so x is loaded NT times less often. Otherwise as gemv_mma_kernel: the warps split K in chunks (warp i takes
 // i, i + 8, ...), the first kPre chunks of each group's weight rows in registers before the wait and the rest
 // prefetched to L2, partial sums meeting in shared memory in a fixed order, fp32 accumulation.
-// kCluster (sm_90): a cluster of `cs` consecutive blocks shares the outputs and splits K into cs slices of whole
-// chunks, so that every block holds its slice of the weights in registers before the wait (K 4096: 4 blocks of one
-// chunk a warp); the blocks' sums meet in the first block's shared memory (distributed shared memory), added in
-// rank order, and it alone writes. No LayerNorm statistics then (kEpiFolded needs whole rows).
 #ifndef MOETRT_GEMV_WIDE
 #define MOETRT_GEMV_WIDE 1
 #endif
-#ifndef MOETRT_GEMV_CLUSTER
-#define MOETRT_GEMV_CLUSTER 1
-#endif
-constexpr int kMaxClusterK = 8;  // blocks a cluster splits K over: the portable cluster size
-template <typename T, int M, int NT, int kPre, int kEpi, bool kCluster = false>
-__global__ void __launch_bounds__(kGemvWarps * 32, M <= 8 && NT == 1 ? 4 : 2)  // 4: the 8-row FC2 in one wave
+template <typename T, int M, int NT, int kPre, int kEpi>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
     gemv_mma_wide_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                          T* __restrict__ y, int rows, int N, int K, int act, bool prefetch, GemvEpi<T> epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 32 && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
-  static_assert(!(kCluster && kEpi == kEpiFolded), "the folded epilogue needs whole rows of x");
-#if __CUDA_ARCH__ < 900
-  if constexpr (kCluster) { __trap(); return; }  // the host launches clusters on sm_90+ only
-#endif
   constexpr int MT = (M + 15) / 16, W = kGemvWarps, NO = 8 * NT, THREADS = kGemvWarps * 32;
-  constexpr int OPT = (M * NO + THREADS - 1) / THREADS;  // outputs a thread sums
+  constexpr int OPT = (M * NO + THREADS - 1) / THREADS;  // outputs a thread writes
   __shared__ float part[W][M][NO];
   __shared__ float stat[kEpi == kEpiFolded ? W : 1][M][2];  // per warp and row: sum, squares of x
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  int cs = 1, rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kCluster) {
-    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(cs));
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-  }
-#endif
-  const int n0 = (blockIdx.x / cs) * NO, all_chunks = (K + kMmaChunk - 1) / kMmaChunk;
-  const int per = (all_chunks + cs - 1) / cs, c_lo = rank * per, chunks = min(all_chunks, c_lo + per);
+  const int n0 = blockIdx.x * NO, chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow[NT];
   Vec<T> pre[kPre][NT][kMmaVecs];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     wrow[n] = n0 + 8 * n + g < N ? w + int64_t(n0 + 8 * n + g) * K : nullptr;
 #pragma unroll
-    for (int i = 0; i < kPre; ++i)
-      mma_gemv_load(pre[i][n], c_lo + warp + i * W < chunks ? wrow[n] : nullptr, c_lo + warp + i * W, K, t);
+    for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i][n], wrow[n], warp + i * W, K, t);
     if (prefetch && wrow[n] && t < 2)
-      for (int c = c_lo + warp + kPre * W; c < chunks; c += W)
+      for (int c = warp + kPre * W; c < chunks; c += W)
         if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow[n] + c * kMmaChunk + t * 64);
   }
   float bias_v[OPT], colsum_v[OPT];
 #pragma unroll
   for (int o = 0; o < OPT; ++o) {
     const int i = threadIdx.x + o * THREADS, c = n0 + i % NO;
-    const bool ok = i < M * NO && c < N && rank == 0;
+    const bool ok = i < M * NO && c < N;
     bias_v[o] = kEpi == kEpiFolded ? (ok ? epi.bias[c] : 0.f) : (bias && ok ? to_float(bias[c]) : 0.f);
     colsum_v[o] = kEpi == kEpiFolded && ok ? epi.colsum[c] : 0.f;
   }
@@ -455,9 +434,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, M <= 8 && NT == 1 ? 4 : 2)  /
 #pragma unroll
   for (int o = 0; o < OPT; ++o) {
     const int i = threadIdx.x + o * THREADS, m = i / NO, c = n0 + i % NO;
-    res[o] = kEpi == kEpiResidual && rank == 0 && i < M * NO && m < rows && c < N
-                 ? to_float(epi.residual[int64_t(m) * N + c])
-                 : 0.f;
+    res[o] = kEpi == kEpiResidual && i < M * NO && m < rows && c < N ? to_float(epi.residual[int64_t(m) * N + c]) : 0.f;
   }
   float acc[NT][MT][4] = {};
   const T* xr[2 * MT];  // A rows g, g + 8 (, g + 16, g + 24)
@@ -495,8 +472,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, M <= 8 && NT == 1 ? 4 : 2)  /
   };
 #pragma unroll
   for (int i = 0; i < kPre; ++i)
-    if (c_lo + warp + i * W < chunks) chunk(pre[i], c_lo + warp + i * W);
-  for (int c = c_lo + warp + kPre * W; c < chunks; c += W) {
+    if (warp + i * W < chunks) chunk(pre[i], warp + i * W);
+  for (int c = warp + kPre * W; c < chunks; c += W) {
     Vec<T> wv[NT][kMmaVecs];
 #pragma unroll
     for (int n = 0; n < NT; ++n) mma_gemv_load(wv[n], wrow[n], c, K, t);
@@ -528,54 +505,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32, M <= 8 && NT == 1 ? 4 : 2)  /
       }
     }
   __syncthreads();
-  float sum[OPT];
-#pragma unroll
-  for (int o = 0; o < OPT; ++o) {
-    const int i = threadIdx.x + o * THREADS, m = i / NO, c = i % NO;
-    sum[o] = 0.f;
-    if (i < M * NO) {
-#pragma unroll
-      for (int j = 0; j < W; ++j) sum[o] += part[j][m][c];
-    }
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kCluster) {  // every block's sums into rank 0's red[rank], then rank 0 adds them in rank order
-    __shared__ float red[kMaxClusterK][M * NO];
-    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&red[0][0]));
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(remote) : "r"(local));
-#pragma unroll
-    for (int o = 0; o < OPT; ++o) {
-      const int i = threadIdx.x + o * THREADS;
-      if (i < M * NO)
-        asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote + 4u * unsigned(rank * M * NO + i)),
-                     "f"(sum[o]) : "memory");
-    }
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    if (rank != 0) return;
-#pragma unroll
-    for (int o = 0; o < OPT; ++o) {
-      const int i = threadIdx.x + o * THREADS;
-      if (i >= M * NO) continue;
-      float v = 0.f;
-      for (int r = 0; r < cs; ++r) v += red[r][i];
-      sum[o] = v;
-    }
-  }
-#endif
 #pragma unroll
   for (int o = 0; o < OPT; ++o) {
     const int i = threadIdx.x + o * THREADS, m = i / NO, c = i % NO;
     if (i >= M * NO || m >= rows || n0 + c >= N) continue;
-    float vs = 0.f, vq = 0.f;
-    if constexpr (kEpi == kEpiFolded) {
+    float s = 0.f, vs = 0.f, vq = 0.f;
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
+    for (int j = 0; j < W; ++j) {
+      s += part[j][m][c];
+      if constexpr (kEpi == kEpiFolded) {
         vs += stat[j][m][0];
         vq += stat[j][m][1];
       }
     }
-    y[int64_t(m) * N + n0 + c] = epilogue<T, kEpi>(sum[o], bias_v[o], colsum_v[o], vs, vq, K, act, epi.eps, res[o]);
+    y[int64_t(m) * N + n0 + c] = epilogue<T, kEpi>(s, bias_v[o], colsum_v[o], vs, vq, K, act, epi.eps, res[o]);
   }
 #endif
 }
@@ -597,18 +540,6 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
     if (one_chunk && N % 16 == 0 && N / 16 >= sm_count()) {
       launch(gemv_mma_wide_kernel<T, M, 2, 1, kEpi>, static_cast<unsigned>(N / 16), kGemvWarps * 32, 0, stream, x, w,
              bias, y, rows, N, K, act, prefetch, epi);
-      return;
-    }
-  }
-  if constexpr (kEpi != kEpiFolded && MOETRT_GEMV_CLUSTER) {  // K > 1024: a cluster of blocks per output group
-    const int chunks = (K + kMmaChunk - 1) / kMmaChunk, cs = (chunks + kGemvWarps - 1) / kGemvWarps;
-    // 16 outputs a cluster past 8 rows (x loaded half as often) where the grid still covers the SMs
-    const bool two = M > 8 && N % 16 == 0 && int64_t(N / 16) * cs >= sm_count();
-    auto kernel = two ? gemv_mma_wide_kernel<T, M, 2, 1, kEpi, true> : gemv_mma_wide_kernel<T, M, 1, 1, kEpi, true>;
-    if (!one_chunk && cs <= kMaxClusterK && has_sm90_code(kernel)) {
-      const unsigned groups = static_cast<unsigned>((N + (two ? 16 : 8) - 1) / (two ? 16 : 8));
-      launch_cluster(kernel, groups * cs, kGemvWarps * 32, 0, stream, static_cast<unsigned>(cs), x, w, bias, y, rows, N,
-                     K, act, prefetch, epi);
       return;
     }
   }
