@@ -27,9 +27,6 @@ constexpr int kChunk = 256;
 constexpr int kDecodeThreads = 256;
 constexpr int kMaxHeadDim = 128;
 constexpr int kMaxSplits = 256;    // max_seq <= kMaxSplits * kChunk
-#ifndef MOETRT_ATTN_SMEM_V
-#define MOETRT_ATTN_SMEM_V 1
-#endif
 
 struct Layout {
   int64_t batch_stride, head_stride, half;  // elements: per cache row, per head, K->V offset
@@ -48,11 +45,8 @@ __host__ __device__ inline Layout cache_layout(int max_batch, int heads, int max
 // past_lengths[b]: earlier steps' results) are loaded before the wait for the preceding kernel, and with kEarlyV
 // (grids of at most a wave or two, where latency binds, not occupancy) their values too; the new token's key and
 // value come from qkv, not from the cache slot this kernel writes.
-// Values staged in shared memory (kSmemV below): 16-bit elements, head_dim <= 64 (32 KB of static shared memory)
 template <typename T, int D, bool kEarlyV>
-constexpr bool smem_v() { return !kEarlyV && MOETRT_ATTN_SMEM_V && sizeof(T) == 2 && D <= 64; }
-template <typename T, int D, bool kEarlyV>
-__global__ void __launch_bounds__(kDecodeThreads, smem_v<T, D, kEarlyV>() ? 4 : 1) attention_decode_kernel(
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     const T* __restrict__ qkv, T* __restrict__ cache, const int32_t* __restrict__ past_lengths, T* __restrict__ out,
     float* __restrict__ partial, int32_t* __restrict__ counters, int heads, int max_batch, int max_seq,
     int max_splits) {
@@ -81,16 +75,6 @@ __global__ void __launch_bounds__(kDecodeThreads, smem_v<T, D, kEarlyV>() ? 4 : 
   // A chunk past this sequence's keys leaves at once rather than holding its slot until the wait is over
   // (H100, 350M decode graph at batch 1: 0.6126 against 0.6160 ms; docs/performance.md).
   if (start >= len) return;
-  // Without kEarlyV (grids of several waves, where registers bound the blocks an SM holds), the cached values go to
-  // shared memory by cp.async before the wait instead, so that they too stream while the preceding kernel runs.
-  constexpr bool kSmemV = smem_v<T, D, kEarlyV>();  // 4 blocks an SM: a 512-block grid (batch 32) in one wave
-  __shared__ __align__(16) T v_s[kSmemV ? kChunk * D : 1];
-  if constexpr (kSmemV) {
-    const int cached = min(kChunk, past - start);  // rows of this chunk before the new token's slot
-    for (int i = threadIdx.x; i < cached * GROUP; i += blockDim.x)
-      cp_async16(v_s + i * N, vcache + int64_t(start) * D + int64_t(i) * N, true);
-    cp_async_commit();
-  }
   dependency_wait();  // its dependents were launched at entry
   const int splits = (len + kChunk - 1) / kChunk;
   const T* q = qkv + int64_t(b) * 3 * heads * D + int64_t(h) * 3 * D;
@@ -115,19 +99,18 @@ __global__ void __launch_bounds__(kDecodeThreads, smem_v<T, D, kEarlyV>() ? 4 : 
   // U passes' worth of this thread's 16-byte slices of keys (or values; `fresh` is the new token's), loaded
   // before any is used; the first U passes were loaded before the wait, except the new token's
   auto load_passes = [&](Vec<T>(&dst)[U], const Vec<T>(&first)[U], bool have_first, const T* rows,
-                         const T* fresh, int p0, bool smem) {  // smem: the cached rows from v_s
+                         const T* fresh, int p0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
       if (j == past) dst[u].load(fresh + lane_in_group * N);
       else if (p0 == 0 && have_first) dst[u] = first[u];
-      else if (j < stop) dst[u].load(smem ? v_s + (j - start) * D + lane_in_group * N
-                                          : rows + int64_t(j) * D + lane_in_group * N);
+      else if (j < stop) dst[u].load(rows + int64_t(j) * D + lane_in_group * N);
     }
   };
   for (int p0 = 0; p0 < PASSES; p0 += U) {
     Vec<T> kv[U];
-    load_passes(kv, k_first, true, kcache, q + D, p0, false);
+    load_passes(kv, k_first, true, kcache, q + D, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
@@ -141,7 +124,6 @@ __global__ void __launch_bounds__(kDecodeThreads, smem_v<T, D, kEarlyV>() ? 4 : 
       if (j < stop && lane_in_group == 0) score[j - start] = s;
     }
   }
-  if constexpr (kSmemV) cp_async_wait<0>();  // the barriers below publish every thread's rows
   __syncthreads();
   float m = -INFINITY;
   for (int j = threadIdx.x; j < stop - start; j += blockDim.x) m = fmaxf(m, score[j]);
@@ -159,7 +141,7 @@ __global__ void __launch_bounds__(kDecodeThreads, smem_v<T, D, kEarlyV>() ? 4 : 
   for (int i = 0; i < N; ++i) acc[i] = 0.f;
   for (int p0 = 0; p0 < PASSES; p0 += U) {
     Vec<T> vv[U];
-    load_passes(vv, v_first, kEarlyV, vcache, q + 2 * D, p0, kSmemV);
+    load_passes(vv, v_first, kEarlyV, vcache, q + 2 * D, p0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = start + (p0 + u) * KPP + key_slot;
