@@ -81,8 +81,8 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
     """The decode GEMM: y = act(x W^T + b), W [n, k]; fp32 accumulation, one rounding of the output. From 2 rows of
     fp16/bf16 the tensor-core kernel runs: n not a multiple of its 8 outputs per block, k of one partial chunk
     (16), of chunks spread over the warps with a partial last one (1032 = 8 x 128 + 8); past 16 rows (fp16/bf16
-    only: up to 32) two MMAs per weight fragment, and 16 outputs a block where n allows (4096, 3072; 1000 a partial
-    last chunk). One row of K 1025-4096 (fp16/bf16) holds the whole weight row in
+    only: up to 32) two MMAs per weight fragment; from 9 rows 16 outputs a block where n allows (4096, 3072; 1000 a
+    partial last chunk). One row of K 1025-4096 (fp16/bf16) holds the whole weight row in
     registers, k a partial last vector round (2056) or one past that kernel's limit (4104)."""
     dt = DTYPES[dtype]
     max_rows = 8 if dtype == "fp32" else 32
@@ -222,7 +222,7 @@ def test_gemv_folded(dtype, rows, n, k, activation, mean):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rows, n, k, activation", [
     (1, 1024, 1024, "none"), (1, 1024, 4096, "none"), (3, 1024, 4096, "gelu_tanh"), (8, 1000, 1032, "none"),
-    (16, 1024, 1024, "none"), (32, 1024, 4096, "none"), (24, 2304, 1024, "gelu_tanh")])
+    (16, 1024, 1024, "none"), (32, 1024, 4096, "none"), (24, 2304, 1024, "gelu_tanh"), (12, 2304, 1000, "none")])
 def test_gemv_residual(dtype, rows, n, k, activation):
     """y = residual + the GEMV, bit for bit the GEMV's output added to the residual as add_layernorm forms the sum
     (in fp32, rounded once), also in place (y = residual)."""
