@@ -525,74 +525,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 #endif
 }
 
-// ---- 2-8 rows, K > 1024: the block's weight rows staged in shared memory before the wait ----------------------
-// gemv_mma_kernel holds 4 chunks a warp in registers at K 4096 (the dense FC2): 122 registers, 2 blocks an SM, which
-// do not fit beside the GEMV before it (4 blocks an SM) and so load their weights only once it ends. Here the block's
-// 8 weight rows go to shared memory by cp.async at entry (8 x (K + 8) elements: a 16-byte pad a row, so that the
-// 8 rows a warp reads at one k fall on distinct banks) and the kernel needs few registers.
-#ifndef MOETRT_GEMV_SMEM
-#define MOETRT_GEMV_SMEM 1
-#endif
-constexpr int kSmemMaxK = 8192;  // 128 KB of staged weights a block at most
-// 4 warps of <= 64 registers: 8 K registers, what an SM has left beside 4 blocks of the GEMV before it (54 registers)
-constexpr int kSmemWarps = 4;
-template <typename T, int kEpi>
-__global__ void __launch_bounds__(kSmemWarps * 32, 8)
-    gemv_mma_smem_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                         T* __restrict__ y, int rows, int N, int K, int act, GemvEpi<T> epi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(Vec<T>::N == 8 && kEpi != kEpiFolded, "16-bit elements; no LayerNorm statistics");
-  launch_dependents();  // at entry, as gemv_mma_kernel's of <= 8 rows (common.cuh)
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* ws = reinterpret_cast<T*>(smem);  // [8][K + 8]
-  __shared__ float part[kSmemWarps][8][8];
-  const int ld = K + 8, vecs = K / 8, n0 = blockIdx.x * 8;
-  for (int v = threadIdx.x; v < 8 * vecs; v += blockDim.x) {
-    const int r = v / vecs, c = v - r * vecs;
-    const bool ok = n0 + r < N;
-    cp_async16<true>(ws + r * ld + c * 8, ok ? w + int64_t(n0 + r) * K + c * 8 : w, ok);
-  }
-  cp_async_commit();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int m_out = threadIdx.x >> 3, r_out = threadIdx.x & 7;  // this thread writes y[m_out, n0 + r_out]
-  const bool writer = m_out < rows && n0 + r_out < N;
-  const float bias_v = bias && writer ? to_float(bias[n0 + r_out]) : 0.f;
-  dependency_wait();
-  const float res = kEpi == kEpiResidual && writer ? to_float(epi.residual[int64_t(m_out) * N + n0 + r_out]) : 0.f;
-  const T* xr = g < rows ? x + int64_t(g) * K : nullptr;
-  const int chunks = (K + kMmaChunk - 1) / kMmaChunk;
-  float acc[4] = {};
-  Vec<T> zero;
-  zero.raw = make_uint4(0, 0, 0, 0);
-  cp_async_wait<0>();
-  __syncthreads();
-  const T* wrow = ws + g * ld;
-#pragma unroll 2
-  for (int c = warp; c < chunks; c += kSmemWarps) {
-    Vec<T> a[kMmaVecs], b[kMmaVecs];
-#pragma unroll
-    for (int u = 0; u < kMmaVecs; ++u) {
-      const int k = c * kMmaChunk + (t + 4 * u) * 8;
-      if (xr && k < K) a[u].load(xr + k);
-      else a[u] = zero;
-      if (k < K) b[u].load(wrow + k);
-      else b[u] = zero;
-    }
-#pragma unroll
-    for (int u = 0; u < kMmaVecs; ++u) mma_gemv_vec<T>(acc, a[u], zero, b[u]);
-  }
-  part[warp][g][2 * t] = acc[0];
-  part[warp][g][2 * t + 1] = acc[1];
-  __syncthreads();
-  if (writer) {
-    float v = 0.f;
-#pragma unroll
-    for (int i = 0; i < kSmemWarps; ++i) v += part[i][m_out][r_out];
-    y[int64_t(m_out) * N + n0 + r_out] = epilogue<T, kEpi>(v, bias_v, 0.f, 0.f, 0.f, K, act, epi.eps, res);
-  }
-#endif
-}
-
 // Whether a GEMV prefetches its weight rows' tails into L2 before the wait (kPrefetchMaxBytes).
 template <typename T>
 bool prefetch_weights(int N, int K) {
@@ -610,19 +542,6 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
     if (one_chunk && N % 16 == 0 && N / 16 >= sm_count()) {
       launch(gemv_mma_wide_kernel<T, M, 2, 1, kEpi>, static_cast<unsigned>(N / 16), kGemvWarps * 32, 0, stream, x, w,
              bias, y, rows, N, K, act, prefetch, epi);
-      return;
-    }
-  }
-  if constexpr (M == 8 && kEpi != kEpiFolded && MOETRT_GEMV_SMEM) {
-    if (!one_chunk && K <= kSmemMaxK) {
-      auto kernel = gemv_mma_smem_kernel<T, kEpi>;
-      const size_t smem = size_t(8) * (K + 8) * sizeof(T);
-      static bool opted = false;  // past 48 KB a kernel's dynamic shared memory needs opting in, once per process
-      if (!opted) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(size_t(8) * (kSmemMaxK + 8) * 2));
-        opted = true;
-      }
-      launch(kernel, blocks, kSmemWarps * 32, smem, stream, x, w, bias, y, rows, N, K, act, epi);
       return;
     }
   }
