@@ -728,12 +728,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_fc2_one_kernel(
 // first kPre of them (of every row group) loaded as soon as the expert is known, and their partial sums meet in
 // shared memory in a fixed order. One 16-byte activation load per weight vector and no FMAs: expert_gemv_kernel
 // above spends 4 token loads and 32 FMAs per weight vector at 4 rows a warp, and with 1 row a warp re-reads the
-// token per row. FC2 (K 4096) at 4-7 assignments takes R = 2 with kPre = 2 (H100, 350M decode graphs at batch 4 /
+// token per row. FC2 (K 4096) from 4 assignments takes R = 2 with kPre = 2 (H100, 350M decode graphs at batch 4 /
 // 8 / 16: 0.836 / 1.021 / 1.374 ms against 0.845 / 1.039 / 1.400 with R = 1, kPre = 4; at batch 2 0.752 against
-// 0.741, hence from 4; R = 4 and FC1 with R = 2 or 4 measured slower). Since R = 1 loads its chunks before the wait
-// (kEarly), it is ahead again from 8 assignments: first 8 layers, three rounds, batch 8 / 16 0.3411 / 0.4657 ms
-// with R = 1 against 0.3434 / 0.4659 with R = 2; batch 4 0.2738-0.2744 against 0.2734. Epilogues as
-// expert_gemv_kernel's (FC1: bias + activation into act; FC2: into y, or with kOut the output).
+// 0.741, hence from 4; R = 4 and FC1 with R = 2 or 4 measured slower). Epilogues as expert_gemv_kernel's (FC1:
+// bias + activation into act; FC2: into y, or with kOut the output).
 //
 // Blocks are numbered slot-fastest (block b: slot b % slots, row group b / slots), so that the blocks of slots past the
 // active count (at 8 tokens about 3 of the 8 slots: ~1400 of FC1's 4096 blocks), which exit at once, are spread over
@@ -828,10 +826,8 @@ void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
                  bool programmatic, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && !kSingle) {  // tensor cores: a block per (expert slot, 8 or 16 rows)
-    // K > 1024 (FC2): at 4-7 assignments a block covers 2 row groups (16 rows), 2 chunks of each preloaded after the
-    // wait; otherwise one row group with 4 chunks preloaded before it (expert_mma_kernel's kEarly)
-    const bool short_k = K <= kMmaChunk * (kGemvThreads / 32);
-    const bool pairs = !short_k && assignments >= 4 && assignments < 8;
+    // K > 1024 (FC2): from 4 assignments a block covers 2 row groups (16 rows), 2 chunks of each preloaded
+    const bool short_k = K <= kMmaChunk * (kGemvThreads / 32), pairs = !short_k && assignments >= 4;
     const int block_rows = pairs ? 16 : 8;  // as expert_mma_kernel's 8 * R
     const int grid = std::min(assignments, experts) * ((rows + block_rows - 1) / block_rows);
     if (pairs)
