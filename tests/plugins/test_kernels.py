@@ -82,8 +82,8 @@ def test_gemv(dtype, rows, n, k, activation, with_bias):
     fp16/bf16 the tensor-core kernel runs: n not a multiple of its 8 outputs per block, k of one partial chunk
     (16), of chunks spread over the warps with a partial last one (1032 = 8 x 128 + 8); past 16 rows (fp16/bf16
     only: up to 32) two MMAs per weight fragment; from 9 rows 16 outputs a block where n allows (4096, 3072; 1000 a
-    partial last chunk). One row of K 1025-4096 (fp16/bf16) holds the whole weight row in
-    registers, k a partial last vector round (2056) or one past that kernel's limit (4104)."""
+    partial last chunk). One row of K 1025-4096 (fp16/bf16) holds the whole weight row in registers, k a partial
+    last vector round (2056) or one past that kernel's limit (4104)."""
     dt = DTYPES[dtype]
     max_rows = 8 if dtype == "fp32" else 32
     if rows > max_rows:

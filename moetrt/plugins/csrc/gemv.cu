@@ -392,11 +392,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 // ---- 9-32 rows: NT groups of 8 outputs a block ----------------------------------------------------------------
 // Past 8 rows gemv_mma_kernel loads 2 (16 rows) or 4 (32 rows) vectors of x per weight vector, and each block reads
 // all of x for its 8 outputs. Here a warp applies every x vector it loads to NT weight groups (8 * NT outputs a
-// block), so x is loaded NT times less often. H100, first 8 layers of the 350M decode graphs, each library with an
-// engine it tuned, three rounds: batch 12 / 16 / 24 / 32 0.4437 / 0.4668 / 0.6096 / 0.6718 ms against 0.4511 / 0.4730
-// (17-32 rows only) and 0.6308 / 0.6857 (neither; another call), docs/performance.md. Otherwise as gemv_mma_kernel: the warps split K in chunks (warp i takes
+// block), so x is loaded NT times less often. Otherwise as gemv_mma_kernel: the warps split K in chunks (warp i takes
 // i, i + 8, ...), the first kPre chunks of each group's weight rows in registers before the wait and the rest
-// prefetched to L2, partial sums meeting in shared memory in a fixed order, fp32 accumulation.
+// prefetched to L2, partial sums meeting in shared memory in a fixed order, fp32 accumulation. H100, first 8 layers
+// of the 350M decode graphs, each library with an engine it tuned, three rounds: batch 12 / 16 / 24 / 32 0.4437 /
+// 0.4668 / 0.6096 / 0.6718 ms against 0.4511 / 0.4730 with it from 17 rows only, and 0.6308 / 0.6857 at 24 / 32
+// without it (another call; docs/performance.md).
 #ifndef MOETRT_GEMV_WIDE
 #define MOETRT_GEMV_WIDE 1
 #endif
