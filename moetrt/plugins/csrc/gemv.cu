@@ -296,6 +296,25 @@ constexpr int kMmaMinRows = MOETRT_GEMV_MMA_MIN_ROWS;
 // 8.1 / 9.8-10.2 against 6.8-7.1 / 7.6-7.9 (tools/gemv_ab.py).
 constexpr int mma_min_blocks(int M, int kPre) { return kPre == 1 ? (M > 16 ? 2 : 4) : (M > 16 ? 1 : 2); }
 
+// kEpiFolded: a lane's sums and sums of squares of x for A rows g + 8h, added over its quad (t) and stored for the
+// warp by lane t = 0 (rows below M)
+template <int M, int H>
+__device__ __forceinline__ void quad_row_stats(float (&st)[H], float (&sq)[H], float (&out)[M][2], int g, int t) {
+#pragma unroll
+  for (int h = 0; h < H; ++h) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      st[h] += __shfl_xor_sync(0xffffffffu, st[h], o);
+      sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], o);
+    }
+    const int r = g + 8 * h;
+    if (t == 0 && 8 * h < M && r < M) {
+      out[r][0] = st[h];
+      out[r][1] = sq[h];
+    }
+  }
+}
+
 template <typename T, int M, bool kLn, int kPre, int kEpi = kEpiPlain, int kMinBlocks = 0>  // 0: mma_min_blocks
 __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma_min_blocks(M, kPre))
     gemv_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ y,
@@ -350,21 +369,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
   // the writer's residual element, read before the products
   const float res = kEpi == kEpiResidual && writer ? to_float(epi.residual[int64_t(m_out) * N + n0 + r_out]) : 0.f;
   mma_gemv_accumulate<T, kPre, MT, (M <= 8)>(acc, pre, wrow, xr, warp, kGemvWarps, chunks, K, t, stats);
-  if constexpr (kEpi == kEpiFolded) {
-#pragma unroll
-    for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        st[h] += __shfl_xor_sync(0xffffffffu, st[h], o);
-        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], o);
-      }
-      const int r = g + 8 * h;
-      if (t == 0 && 8 * h < M && r < M) {
-        stat[warp][r][0] = st[h];
-        stat[warp][r][1] = sq[h];
-      }
-    }
-  }
+  if constexpr (kEpi == kEpiFolded) quad_row_stats<M>(st, sq, stat[warp], g, t);
 #pragma unroll
   for (int h = 0; h < 2 * MT; ++h) {
     const int r = g + 8 * h;
@@ -482,21 +487,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     for (int n = 0; n < NT; ++n) mma_gemv_load(wv[n], wrow[n], c, K, t);
     chunk(wv, c);
   }
-  if constexpr (kEpi == kEpiFolded) {
-#pragma unroll
-    for (int h = 0; h < 2 * MT; ++h) {  // over the quad (t)
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        st[h] += __shfl_xor_sync(0xffffffffu, st[h], o);
-        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], o);
-      }
-      const int r = g + 8 * h;
-      if (t == 0 && 8 * h < M && r < M) {
-        stat[warp][r][0] = st[h];
-        stat[warp][r][1] = sq[h];
-      }
-    }
-  }
+  if constexpr (kEpi == kEpiFolded) quad_row_stats<M>(st, sq, stat[warp], g, t);
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
