@@ -397,19 +397,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 // ---- 9-32 rows: NT groups of 8 outputs a block ----------------------------------------------------------------
 // Past 8 rows gemv_mma_kernel loads 2 (16 rows) or 4 (32 rows) vectors of x per weight vector, and each block reads
 // all of x for its 8 outputs. Here a warp applies every x vector it loads to NT weight groups (8 * NT outputs a
-// block), so x is loaded NT times less often. Otherwise as gemv_mma_kernel: the warps split K in chunks (warp i takes
-// i, i + 8, ...), the first kPre chunks of each group's weight rows in registers before the wait and the rest
-// prefetched to L2, partial sums meeting in shared memory in a fixed order, fp32 accumulation. H100, first 8 layers
+// block), so x is loaded NT times less often. Otherwise as gemv_mma_kernel with K of one chunk a warp (at most 1024:
+// the launch's condition): warp i takes chunk i, every weight vector of it in registers before the wait, partial
+// sums meeting in shared memory in a fixed order, fp32 accumulation. H100, first 8 layers
 // of the 350M decode graphs, each library with an engine it tuned, three rounds: batch 12 / 16 / 24 / 32 0.4437 /
 // 0.4668 / 0.6096 / 0.6718 ms against 0.4511 / 0.4730 with it from 17 rows only, and 0.6308 / 0.6857 at 24 / 32
 // without it (another call; docs/performance.md).
 #ifndef MOETRT_GEMV_WIDE
 #define MOETRT_GEMV_WIDE 1
 #endif
-template <typename T, int M, int NT, int kPre, int kEpi>
+template <typename T, int M, int NT, int kEpi>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     gemv_mma_wide_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                         T* __restrict__ y, int rows, int N, int K, int act, bool prefetch, GemvEpi<T> epi) {
+                         T* __restrict__ y, int rows, int N, int K, int act, GemvEpi<T> epi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(M <= 32 && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
   constexpr int MT = (M + 15) / 16, W = kGemvWarps, NO = 8 * NT, THREADS = kGemvWarps * 32;
@@ -419,15 +419,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * NO, chunks = (K + kMmaChunk - 1) / kMmaChunk;
   const T* wrow[NT];
-  Vec<T> pre[kPre][NT][kMmaVecs];
+  Vec<T> pre[NT][kMmaVecs];  // this warp's chunk (zeros past K)
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     wrow[n] = n0 + 8 * n + g < N ? w + int64_t(n0 + 8 * n + g) * K : nullptr;
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) mma_gemv_load(pre[i][n], wrow[n], warp + i * W, K, t);
-    if (prefetch && wrow[n] && t < 2)
-      for (int c = warp + kPre * W; c < chunks; c += W)
-        if (c * kMmaChunk + t * 64 < K) prefetch_l2(wrow[n] + c * kMmaChunk + t * 64);
+    mma_gemv_load(pre[n], wrow[n], warp, K, t);
   }
   float bias_v[OPT], colsum_v[OPT];
 #pragma unroll
@@ -478,15 +474,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
         for (int i = 0; i < MT; ++i) mma_gemv_vec<T>(acc[n][i], a[2 * i], a[2 * i + 1], wv[n][u]);
     }
   };
-#pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (warp + i * W < chunks) chunk(pre[i], warp + i * W);
-  for (int c = warp + kPre * W; c < chunks; c += W) {
-    Vec<T> wv[NT][kMmaVecs];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) mma_gemv_load(wv[n], wrow[n], c, K, t);
-    chunk(wv, c);
-  }
+  if (warp < chunks) chunk(pre, warp);
   if constexpr (kEpi == kEpiFolded) quad_row_stats<M>(st, sq, stat[warp], g, t);
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -532,8 +520,8 @@ void launch_mma(const T* x, const T* w, const T* bias, T* y, int rows, int N, in
   const bool one_chunk = K <= kMmaChunk * kGemvWarps;  // a chunk a warp
   if constexpr (M > 8 && MOETRT_GEMV_WIDE) {  // 16 outputs a block where that still fills the SMs
     if (one_chunk && N % 16 == 0 && N / 16 >= sm_count()) {
-      launch(gemv_mma_wide_kernel<T, M, 2, 1, kEpi>, static_cast<unsigned>(N / 16), kGemvWarps * 32, 0, stream, x, w,
-             bias, y, rows, N, K, act, prefetch, epi);
+      launch(gemv_mma_wide_kernel<T, M, 2, kEpi>, static_cast<unsigned>(N / 16), kGemvWarps * 32, 0, stream, x, w,
+             bias, y, rows, N, K, act, epi);
       return;
     }
   }
