@@ -383,20 +383,6 @@ def test_moe_small_odd_shapes_and_erf_gelu(dtype):
         run_moe(dtype, 200, E=8, h=64, f=256, top_k=1, seed=4)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-# 2-32 tokens, at most 32 assignments, hidden a multiple of 512: the expert FFN in one kernel, each expert's ffn
-# rows split over as many blocks as fit beside the other experts' (slices of 32 rows with K halved over warp pairs,
-# 96-row slices with an expert's last one shorter, ...), the partial sums added by finalize (fp32 keeps the two GEMV
-# kernels). One slice of 64; top-2 with capacity dropping; over 16 tokens on few experts (an expert's rows in two
-# MMAs); the 350M shape at 32 assignments (top-2); ffn not a multiple of 32 and hidden 256 (the two-kernel path).
-@pytest.mark.parametrize("N, top_k, E, h, f, factor", [
-    (2, 1, 8, 512, 64, 0.0), (2, 1, 8, 512, 4096, 0.0), (8, 1, 5, 512, 4096, 0.0), (5, 2, 8, 1024, 192, 0.0),
-    (12, 2, 8, 512, 256, 0.5), (20, 1, 4, 512, 320, 0.0), (32, 1, 3, 512, 128, 0.0), (16, 2, 64, 1024, 4096, 0.0),
-    (6, 1, 8, 512, 200, 0.0), (6, 1, 8, 256, 256, 0.0)])
-def test_moe_split_ffn(dtype, N, top_k, E, h, f, factor):
-    run_moe(dtype, N, E, h, f, top_k, factor, 1, residual=True, seed=N + f)
-
-
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 @pytest.mark.parametrize("N", [16, 30, 400])
 def test_moe_every_token_on_one_expert(dtype, N):

@@ -25,37 +25,12 @@ constexpr int kMaxExperts = 256;
 // 32 tokens 194-201 us in the GEMM, 223-230 in the FMA GEMV; with the tensor-core GEMV taking up to 32
 // assignments, 24 / 32 tokens 202 / 228 us against the GEMM's 166 / 188).
 constexpr int kGemvMaxAssignments = 16;  // also the rows of expert_mma_kernel's one MMA pass
-// Decode-size expert FFN in one kernel (expert_ffn_kernel), fp16/bf16: a block per (active expert, slice of the FFN
-// dimension), partial sums added by finalize_split_kernel. From 2 to kFfnMaxTokens tokens (an expert's rows fill two
-// MMAs), at most kFfnMaxAssignments assignments, hidden a multiple of 64 kFfnRing, ffn of 32. MOETRT_MOE_FFN=0:
-// build-time switch for A/Bs (the two-kernel paths instead); MOETRT_FFN_BLOCKS: blocks an SM.
-#ifndef MOETRT_MOE_FFN
-#define MOETRT_MOE_FFN 1
-#endif
-#ifndef MOETRT_FFN_RING
-#define MOETRT_FFN_RING 8
-#endif
-#ifndef MOETRT_FFN_ROT
-#define MOETRT_FFN_ROT 0
-#endif
-#ifndef MOETRT_FFN_ILV
-#define MOETRT_FFN_ILV 0
-#endif
-#ifndef MOETRT_FFN_PROBE_CONTIG
-#define MOETRT_FFN_PROBE_CONTIG 0
-#endif
-#ifndef MOETRT_FFN_BLOCKS
-#define MOETRT_FFN_BLOCKS 2
-#endif
-constexpr bool kFfnEnabled = MOETRT_MOE_FFN;
-constexpr int kFfnRing = MOETRT_FFN_RING, kFfnMaxTokens = 32, kFfnMaxAssignments = 32;
 
 struct Workspace {
   float* logits;  // [N, experts]
   int32_t *expert_of, *loc, *pos_of, *perm, *counts, *offsets, *active;
   float *prob, *y;
-  void* act;    // [A, ffn] of T: the experts' hidden activations, in permuted order
-  float* part;  // [slices <= ffn / 32, A, hidden]: expert_ffn_kernel's partial sums (16-bit types, A <= 32)
+  void* act;  // [A, ffn] of T: the experts' hidden activations, in permuted order
 };
 
 inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -77,9 +52,6 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
   ws.active = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
   ws.y = reinterpret_cast<float*>(take(A * size_t(hidden) * 4));
   ws.act = take(A * size_t(ffn) * elem);
-  // partial sums of the split expert FFN: sized for min(A, kFfnMaxAssignments), so that the size grows with tokens
-  const size_t slices = elem == 2 ? size_t(ffn) / 32 : 0;
-  ws.part = reinterpret_cast<float*>(take(slices * std::min<size_t>(A, kFfnMaxAssignments) * size_t(hidden) * 4));
   if (w) *w = ws;
   return off;
 }
@@ -849,196 +821,6 @@ __global__ void __launch_bounds__(kGemvThreads, kPre * R == 1 ? 4 : 2) expert_mm
 #endif
 }
 
-// ---- few tokens per expert, fp16/bf16: the whole expert FFN in one kernel, split over the FFN dimension -----------
-// FC1 and FC2 as two kernels leave a kernel boundary between them and stream each expert's weights in many short
-// blocks whose set-up round trips the DRAM stream waits on. Here a block takes R rows [f0, f0 + R) of one active
-// expert's FFN dimension: R rows of W1 and the matching R columns of W2 (4 R h bytes), as one stream of 16-byte weight
-// loads kFfnRing deep a lane:
-//   act[m, f] = act(W1[e][f] . x[token(m)] + b1[e][f])  for f in the slice, into shared memory;
-//   part[s, off + m, n] = sum over the slice's f of W2[e][n][f] act[m, f] (+ b2[e][n] in slice 0), for every n.
-// The grid is what fits on the GPU at once, and R follows the active experts (ffn_split): every block streams the
-// same bytes, all run in one wave and end together (with fixed slices, 5 experts' 320 blocks on 264 block slots
-// took two waves: 42 us at 8 tokens against 27 + 28 for the two kernels). The expert's token rows (at most 16 MT)
-// are staged in shared memory once; both products run on mma.m16n8k16 as the GEMVs do (common.cuh: mma_gemv_vec).
-// FC1: warp w takes 8-row groups w, w + 8, ... with all of K; a slice of 4 groups splits K in halves over warp pairs.
-// FC2: warp w takes output row groups w, w + 8, ... over the slice's R columns. finalize_split_kernel adds the slices
-// in a fixed order: deterministic.
-struct FfnSplit {
-  int R, S;  // rows a block (a multiple of 32, the last slice of an expert possibly shorter), blocks an expert
-};
-__host__ __device__ inline FfnSplit ffn_split(int n_active, int grid, int F) {
-  const int per = n_active > 0 && grid >= n_active ? grid / n_active : 1;
-  const int R = 32 * ((F + 32 * per - 1) / (32 * per));
-  return {R, (F + R - 1) / R};
-}
-__host__ __device__ inline size_t ffn_smem_bytes(int MT, int H, int r_max, size_t elem) {
-  return size_t(16 * MT) * (H + 32) * elem + size_t(16 * MT) * (r_max + 32) * elem + size_t(16 * MT) * 32 * 4 +
-         size_t(r_max) * 4;
-}
-template <typename T, int MT>
-__global__ void __launch_bounds__(kGemvThreads, MOETRT_FFN_BLOCKS) expert_ffn_kernel(
-    const T* __restrict__ input, const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2,
-    const T* __restrict__ b2, Workspace w, int tokens, int assignments, int H, int F, int act_kind, int r_max) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int D = kFfnRing;
-  extern __shared__ __align__(16) unsigned char ffn_smem[];
-  // row strides of 64 bytes past a multiple of 128: a quarter warp's two rows of 64 bytes fill the 32 banks once
-  const int XST = H + 32, AST = r_max + 32;
-  T* xs = reinterpret_cast<T*>(ffn_smem);                // [16 MT][XST]: the expert's token rows
-  T* as = xs + 16 * MT * XST;                            // [16 MT][AST]: their activations over the slice
-  float* red = reinterpret_cast<float*>(as + 16 * MT * AST);  // [16 MT][32]: K-halves' sums (4-group slices)
-  float* bias_s = red + 16 * MT * 32;                    // [r_max]: b1 over the slice
-  enter_after_predecessor();
-  const int n_active = w.active[0];
-  if (n_active <= 0) return;
-  const FfnSplit sp = ffn_split(n_active, gridDim.x, F);
-  const int a = blockIdx.x % n_active, s = blockIdx.x / n_active;
-  if (s >= sp.S) return;
-  const int e = w.active[1 + a];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  // the slice's local row r is FFN row f_of(r): rows [s R, s R + R), or with MOETRT_FFN_ILV the 32-row units s, s + S,
-  // s + 2S, ... (blocks of one expert then read neighbouring units side by side)
-  const int f0 = s * sp.R;
-  const int rows = MOETRT_FFN_ILV ? 32 * ((F / 32 - s + sp.S - 1) / sp.S) : min(sp.R, F - f0), groups = rows / 8;
-  auto f_of = [&](int r) { return MOETRT_FFN_ILV ? 32 * (s + sp.S * (r >> 5)) + (r & 31) : f0 + r; };
-  const int KS = groups < 8 ? 2 : 1, W8 = 8 / KS, kpart = warp / W8, wl = warp % W8;
-  const int ng = wl < groups ? (groups - wl + W8 - 1) / W8 : 0;  // FC1 row groups of this warp
-  const int VA = H / 32 / KS, VB = rows / 32;                    // vectors a lane per FC1 group / FC2 row group
-  const int JA = ng * VA, J = JA + (H / 64) * VB;
-  const T* pa = w1 + (int64_t(e) * F + g) * H + kpart * (H / KS) + 8 * t;  // + rows f_of(8 (wl + W8 i)), vector v
-  const T* pb = w2 + (int64_t(e) * H + 8 * warp + g) * F + 8 * t;          // row group q, columns f_of(32 u)
-  // Each block walks its groups and vectors from a rotated start (MOETRT_FFN_ROT), so that blocks running side by
-  // side read different offsets of their slices.
-  const int NQ = H / 64, rot = MOETRT_FFN_ROT ? blockIdx.x * 7 : 0;
-  const int rg0 = ng ? rot % ng : 0, rv0 = rot % VA, rq0 = rot % NQ;
-  auto wrap = [](int i, int n) { return i >= n ? i - n : i; };
-  int li = 0, lv = 0;  // the next vector to load: FC1 group li, vector lv, then FC2 row group li - ng, vector lv
-  auto load_next = [&](Vec<T>& r) {
-#if MOETRT_FFN_PROBE_CONTIG  // timing probe, wrong results: 512 contiguous bytes a warp load, 4 KB a block step
-    if (li < ng) {
-      r.load_global_nc(w1 + (int64_t(e) * F + f0) * H + (int64_t(li * VA + lv) * 8 + warp) * 256 + lane * 8);
-      if (++lv == VA) lv = 0, ++li;
-    } else {
-      r.load_global_nc(w2 + int64_t(e) * H * F + int64_t(f0) * H + (int64_t((li - ng) * VB + lv) * 8 + warp) * 256 +
-                       lane * 8);
-      if (++lv == VB) lv = 0, ++li;
-    }
-    return;
-#endif
-    if (li < ng) {
-      r.load_global_nc(pa + int64_t(f_of(8 * (wl + W8 * wrap(li + rg0, ng)))) * H + 32 * wrap(lv + rv0, VA));
-      if (++lv == VA) lv = 0, ++li;
-    } else {
-      r.load_global_nc(pb + int64_t(wrap(li - ng + rq0, NQ)) * 64 * F + f_of(32 * lv));
-      if (++lv == VB) lv = 0, ++li;
-    }
-  };
-  Vec<T> ring[D];
-#pragma unroll
-  for (int i = 0; i < D; ++i) load_next(ring[i]);  // J >= D: the host's condition (h a multiple of 64 D)
-  const int count = w.counts[e], off = w.offsets[e];  // count <= tokens <= 16 MT (the host's condition)
-  for (int i = threadIdx.x; i < rows; i += kGemvThreads) bias_s[i] = to_float(b1[int64_t(e) * F + f_of(i)]);
-  for (int i = threadIdx.x; i < count * (H / 8); i += kGemvThreads) {
-    const int m = i / (H / 8), v = i % (H / 8);
-    Vec<T> xv;
-    xv.load(input + int64_t(w.perm[off + m] % tokens) * H + 8 * v);
-    xv.store(xs + m * XST + 8 * v);
-  }
-  __syncthreads();
-  // A rows past count hold stale data; they only feed outputs that are never stored (an MMA's rows are independent).
-  // Halves of 8 rows that no assignment reaches are not read at all.
-  auto rows_of = [&](const T* base, int stride, int k, int mt, Vec<T>& x0, Vec<T>& x1) {
-    if (count > 16 * mt) x0.load(base + (16 * mt + g) * stride + k);
-    else x0.raw = make_uint4(0, 0, 0, 0);
-    if (count > 16 * mt + 8) x1.load(base + (16 * mt + 8 + g) * stride + k);
-    else x1.raw = make_uint4(0, 0, 0, 0);
-  };
-  auto store_act = [&](float (&acc)[MT][4], int r) {  // local FC1 rows r, r + 1 of rows 16 mt + g (+ 8)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        T* dst = as + (16 * mt + 8 * h + g) * AST + r;
-        dst[0] = from_float<T>(activate(acc[mt][2 * h] + bias_s[r], act_kind));
-        dst[1] = from_float<T>(activate(acc[mt][2 * h + 1] + bias_s[r + 1], act_kind));
-      }
-  };
-  float acc[MT][4] = {};
-  int ci = 0, cv = 0;  // the vector consumed next: FC1 group ci, vector cv
-  for (int j0 = 0; j0 < JA; j0 += D) {  // JA a multiple of D
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-      const int k = kpart * (H / KS) + 32 * wrap(cv + rv0, VA) + 8 * t;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Vec<T> x0, x1;
-        rows_of(xs, XST, k, mt, x0, x1);
-        mma_gemv_vec<T>(acc[mt], x0, x1, ring[i]);
-      }
-      if (j0 + i + D < J) load_next(ring[i]);
-      if (++cv == VA) {
-        if (KS == 1) {
-          store_act(acc, 8 * (wl + W8 * wrap(ci + rg0, ng)) + 2 * t);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-        }
-        cv = 0, ++ci;
-      }
-    }
-  }
-  if (KS == 2) {  // 4 groups (one a warp pair): the second K half's sums through shared memory
-    const int r = 8 * wl + 2 * t;
-    if (kpart == 1)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) red[(16 * mt + 8 * (c >> 1) + g) * 32 + r + (c & 1)] = acc[mt][c];
-    __syncthreads();
-    if (kpart == 0) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mt][c] += red[(16 * mt + 8 * (c >> 1) + g) * 32 + r + (c & 1)];
-      store_act(acc, r);
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  }
-  __syncthreads();
-  int cq = 0, cu = 0;  // FC2: output row group warp + 8 cq, vector cu
-  for (int j0 = JA; j0 < J; j0 += D) {  // J - JA a multiple of D
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Vec<T> x0, x1;
-        rows_of(as, AST, 32 * cu + 8 * t, mt, x0, x1);
-        mma_gemv_vec<T>(acc[mt], x0, x1, ring[i]);
-      }
-      if (j0 + i + D < J) load_next(ring[i]);
-      if (++cu == VB) {  // outputs n, n + 1 of rows 16 mt + g (+ 8)
-        const int n = 8 * (warp + 8 * wrap(cq + rq0, NQ)) + 2 * t;
-        float c0 = 0.f, c1 = 0.f;
-        if (s == 0) c0 = to_float(b2[int64_t(e) * H + n]), c1 = to_float(b2[int64_t(e) * H + n + 1]);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int m = 16 * mt + 8 * h + g;
-            if (m < count)
-              *reinterpret_cast<float2*>(w.part + (int64_t(s) * assignments + off + m) * H + n) =
-                  make_float2(acc[mt][2 * h] + c0, acc[mt][2 * h + 1] + c1);
-            acc[mt][2 * h] = acc[mt][2 * h + 1] = 0.f;
-          }
-        cu = 0, ++cq;
-      }
-    }
-  }
-#elif defined(__CUDA_ARCH__)
-  __trap();  // built for an architecture without bf16/fp16 MMA: never return silently
-#endif
-}
-
 template <typename T, bool FC1, bool kOut = false, bool kSingle = false>
 void launch_gemv(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                  bool may_drop, int tokens, int rows, int K, int act_kind, int assignments, int experts,
@@ -1381,56 +1163,6 @@ __global__ void finalize_kernel(Workspace w, const T* __restrict__ residual, T* 
 }
 
 
-// ---- finalize after expert_ffn_kernel: as finalize_kernel, each assignment's row the sum of its slices -------------
-// Thread (n4, l) of a block sums slices l, l + 8, ... of 4 columns; the 8 lanes of a column group then add up by
-// shuffles in a fixed order. Grid (hidden / 128, tokens); ffn_grid: expert_ffn_kernel's (ffn_split finds the slices).
-template <typename T>
-__global__ void __launch_bounds__(256) finalize_split_kernel(Workspace w, const T* __restrict__ residual,
-                                                             T* __restrict__ out, int tokens, int hidden, int top_k,
-                                                             int ffn_grid, int ffn, int assignments) {
-  enter_after_predecessor();
-  const int slices = ffn_split(w.active[0], ffn_grid, ffn).S;
-  const int t = blockIdx.y, l = threadIdx.x & 7, c = 4 * (blockIdx.x * 32 + (threadIdx.x >> 3));
-  float wt[2] = {0.f, 0.f};
-  int pos[2] = {-1, -1};
-  float sum = 0.f;
-  for (int k = 0; k < top_k; ++k) {
-    pos[k] = w.pos_of[k * tokens + t];
-    wt[k] = pos[k] >= 0 ? w.prob[k * tokens + t] : 0.f;
-    sum += wt[k];
-  }
-  if (top_k > 1) {
-    const float denom = fmaxf(sum, 1.1920928955078125e-07f);  // float32 eps, as DeepSpeed clamps
-    for (int k = 0; k < top_k; ++k) wt[k] /= denom;
-  }
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int k = 0; k < top_k; ++k) {
-    if (pos[k] < 0) continue;
-    float4 p = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = l; s < slices; s += 8) {
-      const float4 q = *reinterpret_cast<const float4*>(w.part + (int64_t(s) * assignments + pos[k]) * hidden + c);
-      p.x += q.x; p.y += q.y; p.z += q.z; p.w += q.w;
-    }
-    acc.x += wt[k] * p.x; acc.y += wt[k] * p.y; acc.z += wt[k] * p.z; acc.w += wt[k] * p.w;
-  }
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) {
-    acc.x += __shfl_xor_sync(0xffffffffu, acc.x, o);
-    acc.y += __shfl_xor_sync(0xffffffffu, acc.y, o);
-    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, o);
-    acc.w += __shfl_xor_sync(0xffffffffu, acc.w, o);
-  }
-  if (l != 0 || c >= hidden) return;
-  const int64_t o = int64_t(t) * hidden + c;
-  const float v[4] = {acc.x, acc.y, acc.z, acc.w};
-  T r[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) r[i] = from_float<T>(v[i] + (residual ? to_float(residual[o + i]) : 0.f));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) out[o + i] = r[i];
-}
-
 template <typename T, bool FC1, int BM, int BN, bool kOut = false>
 void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Workspace& w, const T* residual, T* out,
                         bool may_drop, int tokens, int rows, int K, int act_kind, cudaStream_t stream) {
@@ -1462,48 +1194,6 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
   else
     launch_expert_gemm<T, false, BM2, BN>(act, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h, f, act_kind,
                                           stream);
-}
-
-// Whether the decode expert FFN runs as expert_ffn_kernel + finalize_split_kernel (from 2 tokens; one token keeps
-// its routing-free kernels).
-template <typename T>
-bool ffn_fused(int tokens, int A, int h, int f) {
-  return kFfnEnabled && sizeof(T) == 2 && tokens > 1 && tokens <= kFfnMaxTokens && A <= kFfnMaxAssignments &&
-         h % (64 * kFfnRing) == 0 && f % 32 == 0;  // whole rounds of the ring in each product
-}
-// One wave: the grid is the blocks that fit at once (MOETRT_FFN_BLOCKS an SM, fewer if the shared memory for the
-// widest slice says so). Returns the grid, which finalize_split_kernel needs to find the slices.
-template <typename T, int MT>
-int launch_ffn_mt(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
-                  int tokens, int A, int h, int f, int experts, int act_kind, bool programmatic, cudaStream_t stream) {
-  const int most_active = std::min(A, experts);
-  int grid = MOETRT_FFN_BLOCKS * sm_count(), r_max = 0;
-  size_t smem = 0;
-  for (int pass = 0; pass < 2; ++pass) {  // a smaller grid takes wider slices: check the fit once more
-    r_max = ffn_split(most_active, grid, f).R;
-    smem = ffn_smem_bytes(MT, h, r_max, sizeof(T));
-    static size_t raised = 48 << 10;  // the dynamic shared-memory limit, raised as larger sizes come
-    if (smem > raised) {
-      cudaFuncSetAttribute(expert_ffn_kernel<T, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      raised = smem;
-    }
-    int per_sm = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, expert_ffn_kernel<T, MT>, kGemvThreads, smem);
-    if (per_sm >= MOETRT_FFN_BLOCKS || pass == 1) break;
-    grid = std::max(1, per_sm) * sm_count();
-  }
-  launch_if(programmatic, expert_ffn_kernel<T, MT>, grid, kGemvThreads, smem, stream, hidden, fc1_w, fc1_b, fc2_w,
-            fc2_b, w, tokens, A, h, f, act_kind, r_max);
-  return grid;
-}
-template <typename T>
-int launch_ffn(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b, const Workspace& w,
-               int tokens, int A, int h, int f, int experts, int act_kind, bool programmatic, cudaStream_t stream) {
-  if (tokens <= 16)
-    return launch_ffn_mt<T, 1>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, A, h, f, experts, act_kind,
-                               programmatic, stream);
-  return launch_ffn_mt<T, 2>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, A, h, f, experts, act_kind, programmatic,
-                             stream);
 }
 
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
@@ -1572,12 +1262,6 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                             act_kind, stream);
       if (fused) return launch_status();
     }
-  } else if (ffn_fused<T>(tokens, A, h, f)) {
-    const int grid = launch_ffn<T>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, tokens, A, h, f, experts, act_kind,
-                                   programmatic, stream);
-    launch_if(programmatic, finalize_split_kernel<T>, dim3((h + 127) / 128, tokens), 256, 0, stream, w, residual, out,
-              tokens, h, top_k, grid, f, A);
-    return launch_status();
   } else {
     launch_gemv<T, true>(hidden, fc1_w, fc1_b, w, nullptr, nullptr, false, tokens, f, h, act_kind, A, experts,
                          programmatic, stream);
@@ -1597,7 +1281,7 @@ template <typename T>
 int launch_moe(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
                int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
-  if (sizeof(T) == 2 && tokens * top_k > kGemvMaxAssignments && !ffn_fused<T>(tokens, tokens * top_k, h, f))
+  if (sizeof(T) == 2 && tokens * top_k > kGemvMaxAssignments)
     return launch_moe_regime<T, true>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f,
                                       experts, top_k, act_kind, capacity, w, ln, stream);
   return launch_moe_regime<T, false>(hidden, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, residual, out, tokens, h, f,
