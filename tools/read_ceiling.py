@@ -4,7 +4,8 @@
 
 Streams 256 MB regions (rotating over 2 GiB, so L2 holds none of it) with 16-byte loads, several in flight per
 thread, in two patterns: grid-stride (r4 / r8 / r16: loads in flight per thread) and one contiguous slice per block
-(rblk), at 1-8 blocks an SM of 256 or 512 threads; then a 256 MB device-to-device copy. Prints the median
+(rblk), at 1-8 blocks an SM of 256 or 512 threads; the decode GEMVs' load shape (g8short, g8long, against
+c16short: see the kernels); then a 256 MB device-to-device copy. Prints the median
 microseconds and bytes read per second of each, to compare the expert kernels' streaming rates with (the floors in
 `moetrt bench` divide by the copy's bytes read + written per second). Diagnostic; not part of the test suite."""
 import cupy as cp
@@ -45,6 +46,60 @@ extern "C" __global__ void rblk(const uint4* __restrict__ p, long long n16, unsi
   }
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
+// The decode GEMVs' load shape: 8 rows of 2 KB (K 1024, fp16) a group, lane (g, t) of warp w reading row g at
+// 16-byte vectors w * 128 + (t + 4u) * 8 elements, u < 4 (one 256-byte chunk a row a warp), with the kernels'
+// ld.global.nc.L1::no_allocate.L2::256B. g8short: a block per group (each load issued once, at entry, as the expert
+// FC1 kernel does); g8long: a grid of what fits, each block looping over groups b, b + grid, ... with two groups'
+// loads in flight; c16short: a block per 16 KB read contiguously (each thread 4 vectors 4 KB apart).
+__device__ __forceinline__ uint4 ldnc(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ const uint4* g8_addr(const uint4* p, long long group, int u) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // 16-byte units: a row is 128 of them; the warp's chunk starts at unit 16 w; the lane's vector u at t + 4u
+  return p + (group * 8 + g) * 128 + warp * 16 + t + 4 * u;
+}
+extern "C" __global__ void g8short(const uint4* __restrict__ p, long long n16, unsigned int* sink) {
+  const long long group = blockIdx.x;
+  if (group * 1024 >= n16) return;
+  uint4 v[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) v[u] = ldnc(g8_addr(p, group, u));
+  unsigned int acc = 0;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+extern "C" __global__ void g8long(const uint4* __restrict__ p, long long n16, unsigned int* sink) {
+  const long long groups = n16 / 1024;
+  unsigned int acc = 0;
+  uint4 v[8];
+  for (long long grp = blockIdx.x; grp < groups; grp += 2LL * gridDim.x) {
+    const long long g2 = grp + gridDim.x;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      v[u] = ldnc(g8_addr(p, grp, u));
+      v[4 + u] = g2 < groups ? ldnc(g8_addr(p, g2, u)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+extern "C" __global__ void c16short(const uint4* __restrict__ p, long long n16, unsigned int* sink) {
+  const long long base = (long long)blockIdx.x * 1024;
+  if (base >= n16) return;
+  uint4 v[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) v[u] = ldnc(p + base + u * 256 + threadIdx.x);
+  unsigned int acc = 0;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
 """
 REGION, REGIONS = 256 << 20, 8
 
@@ -69,6 +124,16 @@ def main():
     buf = cp.ones(REGIONS * REGION // 2, dtype=cp.float16)
     sink = cp.zeros(1, dtype=cp.uint32)
     n16 = REGION // 16
+    for name in ("g8short", "c16short"):  # a block per 16 KB, 256 threads: the grid covers the region
+        kernel = mod.get_function(name)
+        grid = n16 // 1024
+        ms = median_ms(lambda r: kernel((grid,), (256,), (cp.uint64(buf.data.ptr + r * REGION), cp.int64(n16), sink)))
+        print(f"{name:8s} grid {grid:5d} x 256: {ms * 1e3:8.1f} us  {REGION / ms / 1e9:6.3f} TB/s read")
+    for per_sm in (2, 4, 8):
+        kernel = mod.get_function("g8long")
+        grid = sms * per_sm
+        ms = median_ms(lambda r: kernel((grid,), (256,), (cp.uint64(buf.data.ptr + r * REGION), cp.int64(n16), sink)))
+        print(f"g8long   grid {grid:5d} x 256: {ms * 1e3:8.1f} us  {REGION / ms / 1e9:6.3f} TB/s read")
     for name in ("r4", "r8", "r16", "rblk"):
         kernel = mod.get_function(name)
         for per_sm in (1, 2, 4, 8):
