@@ -124,25 +124,21 @@ def main():
     buf = cp.ones(REGIONS * REGION // 2, dtype=cp.float16)
     sink = cp.zeros(1, dtype=cp.uint32)
     n16 = REGION // 16
-    for name in ("g8short", "c16short"):  # a block per 16 KB, 256 threads: the grid covers the region
+
+    def report(name, grid, threads):  # one kernel over the rotating regions: median time and read rate
         kernel = mod.get_function(name)
-        grid = n16 // 1024
-        ms = median_ms(lambda r: kernel((grid,), (256,), (cp.uint64(buf.data.ptr + r * REGION), cp.int64(n16), sink)))
-        print(f"{name:8s} grid {grid:5d} x 256: {ms * 1e3:8.1f} us  {REGION / ms / 1e9:6.3f} TB/s read")
+        ms = median_ms(lambda r: kernel((grid,), (threads,), (cp.uint64(buf.data.ptr + r * REGION), cp.int64(n16),
+                                                             sink)))
+        print(f"{name:8s} grid {grid:5d} x {threads:3d}: {ms * 1e3:8.1f} us  {REGION / ms / 1e9:6.3f} TB/s read")
+
+    for name in ("g8short", "c16short"):  # a block per 16 KB: the grid covers the region
+        report(name, n16 // 1024, 256)
     for per_sm in (2, 4, 8):
-        kernel = mod.get_function("g8long")
-        grid = sms * per_sm
-        ms = median_ms(lambda r: kernel((grid,), (256,), (cp.uint64(buf.data.ptr + r * REGION), cp.int64(n16), sink)))
-        print(f"g8long   grid {grid:5d} x 256: {ms * 1e3:8.1f} us  {REGION / ms / 1e9:6.3f} TB/s read")
+        report("g8long", sms * per_sm, 256)
     for name in ("r4", "r8", "r16", "rblk"):
-        kernel = mod.get_function(name)
         for per_sm in (1, 2, 4, 8):
             for threads in (256, 512):
-                grid = sms * per_sm
-                ms = median_ms(lambda r: kernel((grid,), (threads,), (cp.uint64(buf.data.ptr + r * REGION),
-                                                                     cp.int64(n16), sink)))
-                print(f"{name:5s} grid {grid:5d} x {threads:3d}: {ms * 1e3:8.1f} us  "
-                      f"{REGION / ms / 1e9:6.3f} TB/s read")
+                report(name, sms * per_sm, threads)
     dst = cp.empty(REGION // 2, dtype=cp.float16)
     ms = median_ms(lambda r: cp.cuda.runtime.memcpyAsync(dst.data.ptr, buf.data.ptr + r * REGION, REGION,
                                                          cp.cuda.runtime.memcpyDeviceToDevice, 0))
