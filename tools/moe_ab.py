@@ -9,7 +9,7 @@ the first E only (the other gate rows zeroed), as the skewed routing of an engin
 experts. Prints the experts hit (mean over the 8 weight sets) and their weights' bytes per microsecond of the layer;
 with MOE_AB_PROFILE=1 also each kernel's mean duration (start to end, torch.profiler over graph replays). A
 kernel-level A/B only: check a winner in an engine (`moetrt bench ENGINE`) before landing it: a one-kernel MoE that
-won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step (docs/performance.md)."""
+won here by 6-13% (8 and 16 tokens) lost by 11-22% inside the 350M decode step (docs/bench/log.md)."""
 
 
 def child(tokens=(1, 8, 16), E=64, h=1024, f=4096):

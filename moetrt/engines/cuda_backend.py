@@ -69,7 +69,7 @@ class CudaEngine:
     fuse_layernorm = True  # a LayerNorm and the GEMV or MoE reading it as one kernel (decode plans; see plan)
     # ... up to this many rows: every block of the fused kernel re-reads the rows to normalise, which from 4 rows
     # costs more than the separate LayerNorm (H100, 350M QKV: fused 4.3 / 5.2 / 6.6 / 9.3 us at 1 / 2 / 4 / 8
-    # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/performance.md)
+    # rows against GEMV alone 4.4 / 3.7 / 3.7 / 3.7 plus a ~2.3 us LayerNorm; docs/bench/log.md)
     fuse_layernorm_max_rows = 2
     fuse_layernorm_moe = True  # the LayerNorm before a MoE inside its gate kernel (one token; see plan)
     # No LayerNorm kernel between two decode GEMVs (or a MoE and a GEMV): the one before adds the residual itself
@@ -80,11 +80,11 @@ class CudaEngine:
     # again, which at 32 rows costs more than the LayerNorm kernel (H100, 8-layer 350M decode graph, folded / not:
     # 0.2946 / 0.3059 ms at batch 4, 0.3623 / 0.3730 at 8, 0.4781 / 0.4819 at 16, 0.7245 / 0.7154 at 32). At 1-2
     # rows folding beats the LayerNorm as the GEMV's prologue (350M decode graph, from 1 / from 3 rows: 0.5210 /
-    # 0.5234 ms at batch 1, 0.6036 / 0.6510 at 2; docs/performance.md)
+    # 0.5234 ms at batch 1, 0.6036 / 0.6510 at 2; docs/bench/log.md)
     fold_layernorm_min_rows = 1
     fold_layernorm_max_rows = 16
     # a cuBLASLt GEMM followed by bias + tanh GeLU takes both as its GELU_BIAS epilogue (H100, 350M batch-32 FC1:
-    # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/performance.md)
+    # 6.43 us against 5.92 + 2.42 for the GEMM and bias_act; docs/bench/log.md)
     gelu_epilogue = True
     # the LM head is a GEMV candidate too, run by the GEMV kernel where tuning timed it faster (an engine tuned
     # before this has no such entry and keeps cuBLASLt)

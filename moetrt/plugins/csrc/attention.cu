@@ -19,7 +19,7 @@ using namespace moetrt;
 
 namespace {
 
-// Keys per decode block, and its threads: 256 and 256 against 128 and 128, on an H100 (docs/performance.md):
+// Keys per decode block, and its threads: 256 and 256 against 128 and 128, on an H100 (docs/bench/log.md):
 // 350M decode graphs 0.674 / 1.508 / 2.359 ms at batch 1 / 8 / 32 vs 0.722 / 1.548 / 2.393 (contexts of 129-256
 // need no combining of splits), cache 2048 unchanged. 256 keys with 128 threads (half the keys loaded after the
 // wait) measured slower than 128 and 128.
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(
     }
   }
   // A chunk past this sequence's keys leaves at once rather than holding its slot until the wait is over
-  // (H100, 350M decode graph at batch 1: 0.6126 against 0.6160 ms; docs/performance.md).
+  // (H100, 350M decode graph at batch 1: 0.6126 against 0.6160 ms; docs/bench/log.md).
   if (start >= len) return;
   dependency_wait();  // its dependents were launched at entry
   const int splits = (len + kChunk - 1) / kChunk;

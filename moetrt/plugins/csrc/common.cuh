@@ -40,7 +40,7 @@ template <typename T> struct Vec {
 // kStream: weights streamed once (the grouped GEMM's B tiles), with a 256-byte L2 prefetch: a k-tile row is 128
 // bytes, so DRAM serves each row's next k-tile with this one (H100, `tools/moe_ab.py`, MoE layer at 32 / 64 / 512 /
 // 4096 tokens 177.0 / 265.0 / 408.1 / 548.7 us against 185.5 / 276.3 / 424.8 / 563.3 without, 128-byte prefetches
-// no better than none; docs/performance.md). MOETRT_GEMM_L2_HINT (0, 64, 128, 256): build-time switch for A/Bs.
+// no better than none; docs/bench/log.md). MOETRT_GEMM_L2_HINT (0, 64, 128, 256): build-time switch for A/Bs.
 #ifndef MOETRT_GEMM_L2_HINT
 #define MOETRT_GEMM_L2_HINT 256
 #endif

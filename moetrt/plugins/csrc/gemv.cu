@@ -1,7 +1,7 @@
 // Skinny GEMM for decode: y[m, n] = act(sum_k W[n, k] x[m, k] + bias[n]) for M <= 8 rows of x (32 in fp16/bf16), W
 // [N, K] (out, in: a torch Linear weight). One warp per output column n reads W's row once with 16-byte loads
 // (the bytes that bound the op) and applies it to all M rows of x (small, from L1/L2); fp32 accumulation,
-// bias and activation fused; engines choose it or cuBLASLt per GEMM by timing both (docs/performance.md). From 2
+// bias and activation fused; engines choose it or cuBLASLt per GEMM by timing both (docs/bench/log.md). From 2
 // rows of fp16/bf16, gemv_mma_kernel does the same with tensor-core products (below).
 //
 // The AddLayerNorm variant takes x = LayerNorm(x + delta) as its input: every block recomputes the M normalised
@@ -33,7 +33,7 @@ constexpr int64_t kPrefetchMaxBytes = 24 << 20;
 constexpr int kLnThreads = 128, kLnMaxVecs = 8;
 constexpr int kLnMaxSmem = 44 << 10;
 // Rows of x up to which the plain GEMV first copies x into shared memory (one round trip to L2 for the block)
-// instead of loading it beside each weight vector. Measured on an H100 (docs/performance.md): the 350M batch-1
+// instead of loading it beside each weight vector. Measured on an H100 (docs/bench/log.md): the 350M batch-1
 // decode graph 0.721 ms staged vs 0.742; batch 8 1.567 staged vs 1.545, though 8-row GEMVs alone ran faster.
 #ifndef MOETRT_GEMV_STAGE_MAX_ROWS
 #define MOETRT_GEMV_STAGE_MAX_ROWS 4
@@ -157,7 +157,7 @@ __device__ __forceinline__ const T* layernorm_rows(const AddLn<T>& ln, T* xs, in
 
 // One row of x, K of 1025-4096 (fp16/bf16; the dense FC2 of decode at batch 1): the whole weight row in registers
 // before the wait (16 vectors a lane) rather than its first 1024 elements with the rest read from L2 after the wait.
-// H100, 8-layer 350M decode graph at batch 1: 0.2092-0.2101 ms against 0.2113-0.2117 (docs/performance.md).
+// H100, 8-layer 350M decode graph at batch 1: 0.2092-0.2101 ms against 0.2113-0.2117 (docs/bench/log.md).
 constexpr int kPreAllVecs = 16;
 
 // An output element from its dot product v: bias and activation, then kEpiResidual's add of res (the residual's
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 // sums meeting in shared memory in a fixed order, fp32 accumulation. H100, first 8 layers
 // of the 350M decode graphs, each library with an engine it tuned, three rounds: batch 12 / 16 / 24 / 32 0.4437 /
 // 0.4668 / 0.6096 / 0.6718 ms against 0.4511 / 0.4730 with it from 17 rows only, and 0.6308 / 0.6857 at 24 / 32
-// without it (another call; docs/performance.md).
+// without it (another call; docs/bench/log.md).
 #ifndef MOETRT_GEMV_WIDE
 #define MOETRT_GEMV_WIDE 1
 #endif

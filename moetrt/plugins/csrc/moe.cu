@@ -74,7 +74,7 @@ constexpr int kGateTiledMinTokens = MOETRT_GATE_TILED_MIN_TOKENS;
 // moetrt_add_layernorm does (sum = x + delta rounded to T, fp32 statistics, normed rounded to T) straight into the
 // tile it multiplies, and blocks of column 0 store sum and normed (FC1 reads normed after its wait); gamma and beta
 // are loaded before the wait. hidden <= 128 * kGateLnVecs vectors of 16 bytes, add_layernorm_kernel's limit.
-// Measured on an H100 (350M decode graphs, docs/performance.md): one token 0.589 against 0.609 ms with the separate
+// Measured on an H100 (350M decode graphs, docs/bench/log.md): one token 0.589 against 0.609 ms with the separate
 // LayerNorm. Fused up to 64 tokens (every token's loads in flight at once) it lost at 8 and 32 tokens with 8-token
 // tiles (1.084 / 2.098 against 1.029 / 2.027 ms) and gained nothing with one-token blocks (first 8 layers at batch
 // 4 / 8 / 16 / 32: 0.3052 / 0.3765 / 0.4960 / 0.7247 against 0.3059 / 0.3768 / 0.4952 / 0.7239), so from 2 tokens
@@ -672,7 +672,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) expert_gemv_kernel(
 // before the wait on a stand-in (one vector of its weight row re-read in place of every activation vector, the result
 // discarded) and then again, from the instruction cache, on the activations. The pass loop is not unrolled: both
 // passes are the same instructions. Batch-1 decode graph 0.561 -> 0.538 ms; the slim kernel without the first pass
-// 0.550; FC1 given the same treatment (a first pass on expert 0) lost: 0.564-0.569 ms (docs/performance.md).
+// 0.550; FC1 given the same treatment (a first pass on expert 0) lost: 0.564-0.569 ms (docs/bench/log.md).
 //
 // out[r] = residual[r] + prob * (W2[e][r] . act + b2[e][r]), a warp per row, K <= 32 * kOneVecsFc2 vectors. The
 // gate ran two kernels back, so the expert is known before the wait (common.cuh) and the row is in registers while
@@ -867,11 +867,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // Tile shapes per BM: BN output columns (weight rows) and BK of the reduction per pipeline stage. Operand tiles are
 // [rows][BK] of 16-bit elements with the 16-byte chunk c of row r stored at chunk c ^ (r % 8): cp.async writing
 // rows and ldmatrix reading one chunk of 8 consecutive rows then both touch all 32 banks once. (32-wide k-tiles,
-// 64-byte rows, measured slower: docs/performance.md.) BN is 128, except for 32-row tiles at decode sizes (up to
+// 64-byte rows, measured slower: docs/bench/log.md.) BN is 128, except for 32-row tiles at decode sizes (up to
 // kGemmNarrowMax assignments): a decode step of 24-32 tokens routes to ~13 experts, whose 128-column tiles (~100 for
 // FC2) leave much of the 264-block grid idle, while 64-column tiles (48 KB, 4 blocks an SM) spread them (H100, first 8
 // layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
-// prefill, also on 32-row tiles, is ~1% faster with 128 (docs/performance.md).
+// prefill, also on 32-row tiles, is ~1% faster with 128 (docs/bench/log.md).
 constexpr int kGemmNarrowMax = 64;
 // MOETRT_GEMM_SKIP_PAD=0: build-time switch for A/Bs of the 32-row tiles' skipped m-tile (expert_gemm_kernel)
 #ifndef MOETRT_GEMM_SKIP_PAD
@@ -1056,7 +1056,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     uint32_t af[2][MI][4], bf[2][NI / 2][4];
     // 32-row tiles: an m-tile past the item's tokens holds zero rows, its fragments and MMAs are skipped (at decode
     // sizes a tile has ~1-3 tokens: half of its MMAs). Not in the wider tiles: there the branches cost more than
-    // they save (4096 tokens 612 against 537 us, H100, docs/performance.md).
+    // they save (4096 tokens 612 against 537 us, H100, docs/bench/log.md).
     const int live = kSkipPad && BM == 32 ? cur.count - cur.m0 - wm0 : BM;
     auto load_fragments = [&](int buf, int kk) {
 #pragma unroll
