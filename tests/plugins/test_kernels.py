@@ -384,7 +384,7 @@ def test_moe_small_odd_shapes_and_erf_gelu(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-@pytest.mark.parametrize("N", [16, 30, 400])
+@pytest.mark.parametrize("N", [16, 30, 64, 400])  # 64 in fp16: one expert's two 32-row tiles at a decode size
 def test_moe_every_token_on_one_expert(dtype, N):
     E, h, f = 16, 256, 512
     dt = DTYPES[dtype]
@@ -489,6 +489,42 @@ def test_moe_calls_of_any_size_share_one_workspace(dtype):
         torch.cuda.synchronize()
         ref = moe_reference(*(cpu(a) for a in (x, *weights)), 1, "gelu_tanh", 0.0, 4)
         assert rel_err(out, ref) < BOUND[dtype], N
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("N, top_k, factor", [(24, 1, 0.0), (32, 2, 0.0), (64, 1, 0.0), (40, 1, 0.5)])
+def test_moe_decode_grouped_gemm_graph_replays_equal_eager_calls(dtype, N, top_k, factor):
+    """The decode-sized grouped GEMM (17-64 assignments, 32-row tiles, top-1 writing the output, top-2 through
+    finalize, capacity dropping) captured in a CUDA graph and replayed three times on one workspace, over new tokens
+    each time: every replay gives the bits of an eager call on the same tokens, and the eager call matches the
+    reference."""
+    E, h, f = 16, 256, 1024
+    dt = DTYPES[dtype]
+    weights = moe_weights(E, h, f, dt, N + top_k)
+    ws = torch.full((launch.moe_workspace_size(N, h, f, E, top_k, dtype),), 0xFF, dtype=torch.uint8, device="cuda")
+    x = separated_hidden(N, h, weights[0], top_k, dt)
+    res = torch.randn(N, h, device="cuda").to(dt)
+    out = poisoned((N, h), dt)
+    call = lambda: launch.moe(x, *weights, out, ws, top_k, capacity_factor=factor, min_capacity=1,  # noqa: E731
+                              residual=res, stream=torch.cuda.current_stream().cuda_stream)
+    call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    for r in range(3):
+        x.copy_(separated_hidden(N, h, weights[0], top_k, dt))
+        res.copy_(torch.randn(N, h, device="cuda").to(dt))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        out.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, out), r
+        ref = moe_reference(*(cpu(a) for a in (x, *weights)), top_k, "gelu_tanh", factor, 1) + cpu(res)
+        assert rel_err(out, ref) < BOUND[dtype], r
 
 
 # -- programmatic dependent launch -------------------------------------------------------------------
