@@ -7,6 +7,10 @@ at most two roundings on any path (an expert's hidden activation, then the outpu
 NaN before every launch, so an unwritten element fails.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -525,6 +529,23 @@ def test_moe_decode_grouped_gemm_graph_replays_equal_eager_calls(dtype, N, top_k
         assert torch.equal(replayed, out), r
         ref = moe_reference(*(cpu(a) for a in (x, *weights)), top_k, "gelu_tanh", factor, 1) + cpu(res)
         assert rel_err(out, ref) < BOUND[dtype], r
+
+
+def test_moe_decode_grouped_gemm_finishes_when_most_of_its_grid_waits_for_an_sm():
+    """The decode-sized grouped GEMM is one kernel whose FC2 items wait on FC1 items of other blocks. Launched with
+    one block an SM resident and ~8x as many waiting (MOETRT_DEBUG_FFN_OVERSUBSCRIBE, as where other work or MPS
+    holds most of the GPU), every resident block reaches an FC2 item whose FC1 items belong to blocks not yet
+    started: it must run those itself rather than wait forever. The MoE tests of the decode sizes run in a child
+    process with that launch and must pass within the time limit (a deadlock would hang)."""
+    env = dict(os.environ, MOETRT_DEBUG_FFN_OVERSUBSCRIBE="1")
+    tests = ("(test_moe_decode_350m_shape and (32 or 64) and not fp32) or graph_replays_equal_eager_calls "
+             "or test_moe_every_token_on_one_expert or test_moe_capacity_dropping")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                              env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the MoE tests with an oversubscribed grid did not finish in 900 s (deadlock?)")
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 # -- programmatic dependent launch -------------------------------------------------------------------

@@ -7,8 +7,10 @@
 //    once with 16-byte loads, on tensor cores in fp16/bf16 (expert_mma_kernel), else a persistent FMA kernel over
 //    (active expert, 4-row chunk) items; one token with top-1 (batch-1 decode) skips the routing kernel: gate,
 //    FC1 (the FMA kernel), FC2 (expert_fc2_one_kernel, or the FMA kernel past its size);
-//  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile).
+//  - many (prefill, fp16/bf16): a tensor-core (mma.sync) grouped GEMM over (expert, row tile, 128-column tile);
+//    at decode sizes (17-64 assignments) FC1 and FC2 as one kernel, expert_ffn_kernel.
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -26,9 +28,16 @@ constexpr int kMaxExperts = 256;
 // assignments, 24 / 32 tokens 202 / 228 us against the GEMM's 166 / 188).
 constexpr int kGemvMaxAssignments = 16;  // also the rows of expert_mma_kernel's one MMA pass
 
+// expert_ffn_kernel's counters and flags (Workspace::ready): kMaxExperts per-expert counters, one count of claimed
+// blocks, then one flag per block of its grid (at most kFfnMaxGrid blocks).
+constexpr int kFfnMaxGrid = 1024;
+constexpr int kFfnReady = kMaxExperts + 1 + kFfnMaxGrid;
+
 struct Workspace {
   float* logits;  // [N, experts]
   int32_t *expert_of, *loc, *pos_of, *perm, *counts, *offsets, *active;
+  int32_t* ready;  // [kFfnReady] for expert_ffn_kernel, zeroed by the routing kernel: the FC1 items finished per
+                   // active expert, the blocks whose FC1 items are claimed, then a claim flag per block
   float *prob, *y;
   void* act;  // [A, ffn] of T: the experts' hidden activations, in permuted order
 };
@@ -50,6 +59,7 @@ size_t carve(char* base, int64_t tokens, int experts, int top_k, int64_t hidden,
   ws.counts = reinterpret_cast<int32_t*>(take(size_t(experts) * 4));
   ws.offsets = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
   ws.active = reinterpret_cast<int32_t*>(take(size_t(experts + 1) * 4));
+  ws.ready = reinterpret_cast<int32_t*>(take(size_t(kFfnReady) * 4));
   ws.y = reinterpret_cast<float*>(take(A * size_t(hidden) * 4));
   ws.act = take(A * size_t(ffn) * elem);
   if (w) *w = ws;
@@ -480,6 +490,7 @@ __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int toke
   enter_after_predecessor();
   for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) count_s[e] = 0;
+  for (int i = threadIdx.x; i < kFfnReady; i += blockDim.x) w.ready[i] = 0;
   __syncthreads();  // this block's expert_of / prob writes are visible
   if (warp != 0) return;
   const int A = tokens * top_k;
@@ -873,6 +884,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p) {
 // layers of the 350M decode graph, batch 24 / 32: 0.6526 / 0.6751 ms against 0.6599 / 0.6777 with 128); the 510-token
 // prefill, also on 32-row tiles, is ~1% faster with 128 (docs/bench/log.md).
 constexpr int kGemmNarrowMax = 64;
+static_assert(kGemmNarrowMax <= kSmallRouteMax, "expert_ffn_kernel's counters are zeroed by route_small_kernel");
+// MOETRT_FFN_GEMM=0: build-time switch for A/Bs, the decode-sized grouped GEMM as two kernels (FC1, FC2) instead of
+// expert_ffn_kernel
+#ifndef MOETRT_FFN_GEMM
+#define MOETRT_FFN_GEMM 1
+#endif
+constexpr bool kFfnGemm = MOETRT_FFN_GEMM;
 // MOETRT_GEMM_SKIP_PAD=0: build-time switch for A/Bs of the 32-row tiles' skipped m-tile (expert_gemm_kernel)
 #ifndef MOETRT_GEMM_SKIP_PAD
 #define MOETRT_GEMM_SKIP_PAD 1
@@ -908,55 +926,78 @@ template <int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
 // tid / 8 + i * (threads / 8) of every tile, and so holds its own rows' token indices (looked up one item ahead).
 // kOut (FC2 of top-1): the finalize fused in, as in the GEMV regime: out[t] = residual[t] + prob[t] * row, and
 // (may_drop) out[t] = residual[t] for the tokens the capacity dropped.
-template <typename T, bool FC1, int BM, int BN, bool kOut>
-__global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
-    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
-    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
-  static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
-  constexpr int BK = gemm_bk<BM>();
-  constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
-  constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
-  constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
-  T* Bs = As + S * BM * BK;            // [S][BN * BK]
-  __shared__ int32_t tile_start_s[kMaxExperts + 1], active_s[kMaxExperts], count_s[kMaxExperts], off_s[kMaxExperts];
-  enter_after_predecessor();
+//
+// The routing a block's prologue gathers into shared memory (gemm_prologue), for its items.
+struct GemmRouting {
+  int32_t tile_start[kMaxExperts + 1], active[kMaxExperts], count[kMaxExperts], off[kMaxExperts];
+};
+
+__device__ __forceinline__ int ld_acquire_gpu(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// tile_start[i]: row tiles of the active experts before the i-th (a scan 32 at a time), with each active expert's
+// id, count and offset; the caller has passed its dependency wait.
+template <int BM>
+__device__ void gemm_prologue(const Workspace& w, GemmRouting& rt, int& n_active) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
-  const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
-  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
-  const int n_active = w.active[0];
+  n_active = w.active[0];
   for (int i = threadIdx.x; i < n_active; i += blockDim.x) {
     const int e = w.active[1 + i];
-    active_s[i] = e;
-    count_s[i] = w.counts[e];
-    off_s[i] = w.offsets[e];
+    rt.active[i] = e;
+    rt.count[i] = w.counts[e];
+    rt.off[i] = w.offsets[e];
   }
   __syncthreads();
-  if (warp == 0) {  // tile_start_s[i]: row tiles of the active experts before the i-th, a scan 32 at a time
+  if (warp == 0) {
     int carry = 0;
-    if (lane == 0) tile_start_s[0] = 0;
+    if (lane == 0) rt.tile_start[0] = 0;
     for (int i0 = 0; i0 < n_active; i0 += 32) {
-      int v = i0 + lane < n_active ? (count_s[i0 + lane] + BM - 1) / BM : 0;
+      int v = i0 + lane < n_active ? (rt.count[i0 + lane] + BM - 1) / BM : 0;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
         const int u = __shfl_up_sync(0xffffffffu, v, o);
         if (lane >= o) v += u;
       }
-      if (i0 + lane < n_active) tile_start_s[i0 + lane + 1] = carry + v;
+      if (i0 + lane < n_active) rt.tile_start[i0 + lane + 1] = carry + v;
       carry += __shfl_sync(0xffffffffu, v, 31);
     }
   }
   __syncthreads();
+}
+
+// A block's items of one GEMM (FC1: input rows through perm, bias + activation into act; FC2: act rows, into y
+// or, with kOut, the output), as one stream of k-tiles: items first, first + stride, ... (n_mine of them). kDep 1
+// counts each finished item in ready[slot]; kDep 2 waits, before loading an item's activation rows, until its
+// expert's FC1 items are all counted (ready_per_tile of them per row tile).
+template <typename T, bool FC1, int BM, int BN, bool kOut, int kDep>
+__device__ __forceinline__ void gemm_items(unsigned char* smem, const GemmRouting& rt, int n_active, int first,
+                                           int n_mine, int stride, const T* __restrict__ input,
+                                           const T* __restrict__ weight, const T* __restrict__ bias, const Workspace& w,
+                                           const T* __restrict__ residual, T* __restrict__ out, int tokens, int rows,
+                                           int K, int act_kind, int32_t* ready, int ready_per_tile) {
+  constexpr int BK = gemm_bk<BM>();
+  constexpr int S = gemm_stages<BM>(), WM = gemm_warps_m<BM>(), MI = BM / 16 / WM, NI = BN / 32;
+  constexpr int kChunks = BK / 8, kRowStep = gemm_threads<BM>() / kChunks;  // rows per pass of the block
+  constexpr int AR = BM / kRowStep, BR = BN / kRowStep;                    // rows each thread copies
+  T* As = reinterpret_cast<T*>(smem);  // [S][BM * BK]
+  T* Bs = As + S * BM * BK;            // [S][BN * BK]
+  const int32_t* tile_start_s = rt.tile_start;
+  const int32_t* active_s = rt.active;
+  const int32_t* count_s = rt.count;
+  const int32_t* off_s = rt.off;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm0 = (warp / 4) * (BM / WM), wn0 = (warp % 4) * (BN / 4);  // this warp's rows and columns in the tile
+  const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
   const int n_tiles = (rows + BN - 1) / BN;
-  const int total = tile_start_s[n_active] * n_tiles;
   const int k_tiles = (K + BK - 1) / BK;
-  const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  struct Tile { int e, m0, n0, count, off; };
+  struct Tile { int e, m0, n0, count, off, slot, m_tiles; };
+  auto item_of = [&](int j) { return first + j * stride; };
+  auto has = [&](int j) { return j < n_mine; };  // the block's j-th item exists
   auto describe = [&](int j) {  // this block's j-th item
-    const int item = blockIdx.x + j * gridDim.x, mt_all = item / n_tiles;
+    const int item = item_of(j), mt_all = item / n_tiles;
     int lo = 0, hi = n_active;  // the active expert whose row tiles hold mt_all
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
@@ -969,7 +1010,21 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     t.n0 = (item % n_tiles) * BN;
     t.count = count_s[lo];
     t.off = off_s[lo];
+    t.slot = lo;
+    t.m_tiles = tile_start_s[lo + 1] - tile_start_s[lo];
     return t;
+  };
+  // kDep == 2: an item's activations exist once the FC1 items of its expert (m_tiles x ready_per_tile of them)
+  // have each counted themselves in ready[slot] (kDep == 1, after their epilogue); thread 0 waits, the block follows
+  auto await_rows = [&](const Tile& t) {
+    if constexpr (kDep == 2) {
+      if (threadIdx.x == 0) {
+        const int target = t.m_tiles * ready_per_tile;
+        while (ld_acquire_gpu(ready + t.slot) < target) __nanosleep(100);
+        __threadfence();
+      }
+      __syncthreads();
+    }
   };
   // the row of `input` behind each A row this thread copies (-1: past the expert's tokens); for FC1 in two
   // halves, the perm load one item ahead and the "% tokens" when the item comes up, so that no warp waits on it
@@ -1001,10 +1056,16 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
     b_ptr = weight + (int64_t(ld.e) * rows + ld.n0 + row_lo) * K + ch * 8;
     b_rows = min(BR, (rows - ld.n0 - row_lo + kRowStep - 1) / kRowStep);
   };
-  if (n_mine > 0) { ld = describe(0); source_rows(ld, ld_src); take_rows(ld_src, ld_src); enter_item(); }
-  if (n_mine > 1) { nx = describe(1); source_rows(nx, nx_src); }
+  if (has(0)) {
+    ld = describe(0);
+    await_rows(ld);
+    source_rows(ld, ld_src);
+    take_rows(ld_src, ld_src);
+    enter_item();
+  }
+  if (has(1)) { nx = describe(1); source_rows(nx, nx_src); }  // one item ahead
   auto load_next = [&](int stage) {  // one commit group per k-tile, empty once this block's items are all loaded
-    if (ld_j < n_mine) {
+    if (has(ld_j)) {
       const int kofs = ld_kt * BK;
       const bool k_ok = kofs + ch * 8 < K;
       T* a = As + stage * BM * BK;
@@ -1021,11 +1082,12 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
       }
       if (++ld_kt == k_tiles) {
         ld_kt = 0;
-        if (++ld_j < n_mine) {
+        if (has(++ld_j)) {
           ld = nx;
+          await_rows(ld);
           take_rows(ld_src, nx_src);
           enter_item();
-          if (ld_j + 1 < n_mine) { nx = describe(ld_j + 1); source_rows(nx, nx_src); }
+          if (has(ld_j + 1)) { nx = describe(ld_j + 1); source_rows(nx, nx_src); }
         }
       }
     }
@@ -1115,10 +1177,97 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
           }
         }
     }
+    if constexpr (kDep == 1) {  // this item's activations are stored: count it for its expert's FC2 items
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(ready + cur.slot, 1);
+      }
+    }
   }
   cp_async_wait<0>();
+}
+
+template <typename T, bool FC1, int BM, int BN, bool kOut>
+__global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
+    const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ bias, Workspace w,
+    const T* __restrict__ residual, T* __restrict__ out, bool may_drop, int tokens, int rows, int K, int act_kind) {
+  static_assert(!(FC1 && kOut), "only FC2 writes the layer output");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // bf16 MMA exists on sm_80+ only (and not in the host pass)
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ GemmRouting rt;
+  enter_after_predecessor();
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, rows);
+  int n_active;
+  gemm_prologue<BM>(w, rt, n_active);
+  const int total = rt.tile_start[n_active] * ((rows + BN - 1) / BN);
+  const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  gemm_items<T, FC1, BM, BN, kOut, 0>(smem, rt, n_active, blockIdx.x, n_mine, gridDim.x, input, weight, bias, w,
+                                      residual, out, tokens, rows, K, act_kind, nullptr, 0);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for an architecture without bf16/fp16 MMA: never return silently
+#endif
+}
+
+// The decode-sized expert FFN as one kernel (17-64 assignments, 32-row tiles): each block takes FC1's items
+// round-robin, then FC2's; an FC2 item waits until its expert's FC1 items are done (counters in the workspace,
+// zeroed by the routing kernel). The blocks that run out of FC1 items start FC2 while the others finish FC1,
+// instead of the whole grid waiting at a kernel boundary.
+// No deadlock where the grid is not all resident (another stream's kernels, MPS, a small green context): a block
+// claims its FC1 items with a flag on entry, and before its FC2 items a block makes sure every block's FC1 items are
+// claimed, running those of any block that has not started itself. Every FC1 item is then held by a running block
+// that waits on nothing, so every wait ends. (A cooperative launch, which guarantees a resident grid, cost ~4 us a
+// call; items dealt from a counter, which need no such guarantee, ran slower: docs/bench/log.md, 25th session.)
+template <typename T, int BM, int BN, bool kOut>
+__global__ void __launch_bounds__(gemm_threads<BM>()) expert_ffn_kernel(
+    const T* __restrict__ hidden, const T* __restrict__ fc1_w, const T* __restrict__ fc1_b,
+    const T* __restrict__ fc2_w, const T* __restrict__ fc2_b, Workspace w, const T* __restrict__ residual,
+    T* __restrict__ out, bool may_drop, int tokens, int h, int f, int act_kind) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ GemmRouting rt;
+  __shared__ int32_t mine_s, all_s, n_taken_s, taken_s[gemm_threads<BM>()];
+  int32_t* done = w.ready;                       // per active-expert slot: FC1 items finished
+  int32_t* n_claimed = w.ready + kMaxExperts;    // blocks whose FC1 items are claimed
+  int32_t* claim = n_claimed + 1;                // per block: its FC1 items claimed
+  enter_after_predecessor();
+  if (threadIdx.x == blockDim.x - 1) {  // a thread the prologue's first loop leaves idle
+    mine_s = atomicExch(claim + blockIdx.x, 1) == 0;
+    if (mine_s) atomicAdd(n_claimed, 1);
+  }
+  if (kOut && may_drop) pass_dropped(w, residual, out, tokens, h);
+  int n_active;
+  gemm_prologue<BM>(w, rt, n_active);  // its barriers publish mine_s
+  const int m_tiles = rt.tile_start[n_active], n1 = (f + BN - 1) / BN, n2 = (h + BN - 1) / BN;
+  const int G = gridDim.x, total1 = m_tiles * n1, total2 = m_tiles * n2;
+  auto fc1_items = [&](int b) {  // block b's FC1 items, by whichever block claimed them
+    const int n = b < total1 ? (total1 - b + G - 1) / G : 0;
+    gemm_items<T, true, BM, BN, false, 1>(smem, rt, n_active, b, n, G, hidden, fc1_w, fc1_b, w, nullptr, nullptr,
+                                          tokens, f, h, act_kind, done, 0);
+    __syncthreads();  // the pipeline's stages are no longer read
+  };
+  if (mine_s) fc1_items(blockIdx.x);
+  if (threadIdx.x == 0) all_s = ld_acquire_gpu(n_claimed) >= G;
+  __syncthreads();
+  if (!all_s) {  // some block has not started: take over the FC1 items of those still unclaimed
+    for (int c0 = 0; c0 < G; c0 += blockDim.x) {
+      if (threadIdx.x == 0) n_taken_s = 0;
+      __syncthreads();
+      const int c = c0 + threadIdx.x;
+      if (c < G && ld_acquire_gpu(claim + c) == 0 && atomicExch(claim + c, 1) == 0) {
+        atomicAdd(n_claimed, 1);
+        taken_s[atomicAdd(&n_taken_s, 1)] = c;
+      }
+      __syncthreads();
+      const int n_taken = n_taken_s;
+      for (int i = 0; i < n_taken; ++i) fc1_items(taken_s[i]);
+    }
+  }
+  const int n_mine2 = int(blockIdx.x) < total2 ? (total2 - int(blockIdx.x) + G - 1) / G : 0;
+  gemm_items<T, false, BM, BN, kOut, 2>(smem, rt, n_active, blockIdx.x, n_mine2, G, static_cast<const T*>(w.act),
+                                        fc2_w, fc2_b, w, residual, out, tokens, h, f, act_kind, done, n1);
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -1176,6 +1325,36 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
   }
   launch_if(false, expert_gemm_kernel<T, FC1, BM, BN, kOut>, sm_count() * per_sm, gemm_threads<BM>(), bytes, stream,
             input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
+}
+
+// expert_ffn_kernel: one wave of what fits (at most kFfnMaxGrid blocks), launched as the grouped GEMM's kernels are
+// (ordinarily). MOETRT_DEBUG_FFN_OVERSUBSCRIBE=1 (read once a process, for tests) gives each block all the shared
+// memory an SM has and launches kFfnMaxGrid blocks: one block an SM is resident while the others wait, as where
+// other kernels or MPS hold most of the GPU, and every resident block has FC2 items that wait on FC1 items of blocks
+// not yet started (the claims' takeover, exercised).
+template <typename T, int BM, int BN, bool kOut>
+void launch_ffn_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b,
+                     const Workspace& w, const T* residual, T* out, bool may_drop, int tokens, int h, int f,
+                     int act_kind, cudaStream_t stream) {
+  auto kernel = expert_ffn_kernel<T, BM, BN, kOut>;
+  static int per_sm = 0, bytes = gemm_smem_bytes<BM, BN>(), grid = 0;
+  if (!per_sm) {
+    const char* over = std::getenv("MOETRT_DEBUG_FFN_OVERSUBSCRIBE");
+    if (over && std::atoi(over)) {
+      int dev = 0;
+      cudaFuncAttributes attr{};
+      cudaGetDevice(&dev);
+      cudaFuncGetAttributes(&attr, kernel);
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      bytes -= int(attr.sharedSizeBytes);  // the static shared memory beside it
+    }
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, gemm_threads<BM>(), bytes);
+    per_sm = std::max(1, per_sm);
+    grid = over && std::atoi(over) ? kFfnMaxGrid : std::min(sm_count() * per_sm, kFfnMaxGrid);
+  }
+  launch_if(false, kernel, grid, gemm_threads<BM>(), bytes, stream, hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual,
+            out, may_drop, tokens, h, f, act_kind);
 }
 
 // FC1 with row tiles of BM; FC2 with 128-row tiles where FC1 has 64 (measured at 4096 tokens, 64 per expert: one
@@ -1248,7 +1427,14 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
       const bool fused = top_k == 1, drop = capacity > 0;
-      if (bm == 32 && A <= kGemmNarrowMax)
+      if (bm == 32 && A <= kGemmNarrowMax && kFfnGemm) {
+        if (fused)
+          launch_ffn_gemm<T, 32, 64, true>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, drop, tokens, h, f,
+                                           act_kind, stream);
+        else
+          launch_ffn_gemm<T, 32, 64, false>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h,
+                                            f, act_kind, stream);
+      } else if (bm == 32 && A <= kGemmNarrowMax)
         launch_gemm<T, 32, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f,
                                act_kind, stream);
       else if (bm == 32)
