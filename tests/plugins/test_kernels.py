@@ -551,7 +551,7 @@ def test_moe_decode_grouped_gemm_finishes_when_most_of_its_grid_waits_for_an_sm(
 # -- programmatic dependent launch -------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("B", [1, 4, 24])  # 24: the MoE's one-kernel grouped GEMM (expert_ffn_kernel)
 def test_programmatic_launch_chain_matches_stream_order(dtype, B):
     """A decode-like chain where every kernel reads what the one just before it wrote (GEMV -> attention ->
     GEMV -> add+LayerNorm -> MoE, eight times over one KV cache), eagerly and captured in a CUDA graph: with

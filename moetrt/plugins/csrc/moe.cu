@@ -1327,15 +1327,15 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
             input, weight, bias, w, residual, out, may_drop, tokens, rows, K, act_kind);  // one wave, persistent
 }
 
-// expert_ffn_kernel: one wave of what fits (at most kFfnMaxGrid blocks), launched as the grouped GEMM's kernels are
-// (ordinarily). MOETRT_DEBUG_FFN_OVERSUBSCRIBE=1 (read once a process, for tests) gives each block all the shared
+// expert_ffn_kernel: one wave of what fits (at most kFfnMaxGrid blocks), programmatic where the step's other kernels
+// are (launch_moe_regime). MOETRT_DEBUG_FFN_OVERSUBSCRIBE=1 (read once a process, for tests) gives each block all the shared
 // memory an SM has and launches kFfnMaxGrid blocks: one block an SM is resident while the others wait, as where
 // other kernels or MPS hold most of the GPU, and every resident block has FC2 items that wait on FC1 items of blocks
 // not yet started (the claims' takeover, exercised).
 template <typename T, int BM, int BN, bool kOut>
 void launch_ffn_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b,
                      const Workspace& w, const T* residual, T* out, bool may_drop, int tokens, int h, int f,
-                     int act_kind, cudaStream_t stream) {
+                     int act_kind, bool programmatic, cudaStream_t stream) {
   auto kernel = expert_ffn_kernel<T, BM, BN, kOut>;
   static int per_sm = 0, bytes = gemm_smem_bytes<BM, BN>(), grid = 0;
   if (!per_sm) {
@@ -1353,8 +1353,8 @@ void launch_ffn_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* f
     per_sm = std::max(1, per_sm);
     grid = over && std::atoi(over) ? kFfnMaxGrid : std::min(sm_count() * per_sm, kFfnMaxGrid);
   }
-  launch_if(false, kernel, grid, gemm_threads<BM>(), bytes, stream, hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual,
-            out, may_drop, tokens, h, f, act_kind);
+  launch_if(programmatic, kernel, grid, gemm_threads<BM>(), bytes, stream, hidden, fc1_w, fc1_b, fc2_w, fc2_b, w,
+            residual, out, may_drop, tokens, h, f, act_kind);
 }
 
 // FC1 with row tiles of BM; FC2 with 128-row tiles where FC1 has 64 (measured at 4096 tokens, 64 per expert: one
@@ -1376,13 +1376,19 @@ void launch_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w
 }
 
 // kGemm: the grouped-GEMM regime (prefill), whose launches are ordinary ones (measured: with programmatic launch,
-// 4096 tokens took 1.11 ms instead of 0.90); the GEMV regime's (decode) are programmatic.
+// 4096 tokens took 1.11 ms instead of 0.90), except at decode sizes, where gate, routing and expert_ffn_kernel are
+// programmatic (H100, first 8 layers of the 350M decode graph, batch 20 / 24 / 32, three alternating rounds:
+// 0.5901-0.5914 / 0.5820-0.5827 / 0.6453-0.6456 ms against 0.5955-0.5966 / 0.5883-0.5904 / 0.6497-0.6508; the two
+// kernels it replaced had gained nothing from it); the GEMV regime's (decode) are programmatic.
 template <typename T, bool kGemm>
 int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w, const T* fc1_b, const T* fc2_w,
                       const T* fc2_b, const T* residual, T* out, int tokens, int h, int f, int experts, int top_k,
                       int act_kind, int capacity, const Workspace& w, const GateLn* ln, cudaStream_t stream) {
   const int A = tokens * top_k;
-  const bool programmatic = !kGemm && A <= kProgrammaticMaxRows;
+  const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
+  const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
+  const bool ffn = kGemm && sizeof(T) == 2 && kFfnGemm && bm == 32 && A <= kGemmNarrowMax;  // expert_ffn_kernel
+  const bool programmatic = (!kGemm || ffn) && A <= kProgrammaticMaxRows;
   const bool gate_ln = ln && tokens <= kGateLnMaxTokens && h / Vec<T>::N <= 128 * kGateLnVecs;
   if (ln && !gate_ln) {  // the LayerNorm as its own kernel
     const int dtype = std::is_same_v<T, float> ? MOETRT_FP32 : std::is_same_v<T, __half> ? MOETRT_FP16 : MOETRT_BF16;
@@ -1414,8 +1420,6 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
                                         act_kind, 1, experts, programmatic, stream);
     return launch_status();
   }
-  const int per_expert = A / std::min(A, experts);  // tokens per expert if balanced
-  const int bm = per_expert <= 32 ? 32 : per_expert <= 64 ? 64 : 128;
   if (A <= kSmallRouteMax) {
     launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
               capacity);
@@ -1427,13 +1431,13 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   if constexpr (kGemm) {
     if constexpr (sizeof(T) == 2) {
       const bool fused = top_k == 1, drop = capacity > 0;
-      if (bm == 32 && A <= kGemmNarrowMax && kFfnGemm) {
+      if (ffn) {
         if (fused)
           launch_ffn_gemm<T, 32, 64, true>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, drop, tokens, h, f,
-                                           act_kind, stream);
+                                           act_kind, programmatic, stream);
         else
           launch_ffn_gemm<T, 32, 64, false>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, nullptr, nullptr, false, tokens, h,
-                                            f, act_kind, stream);
+                                            f, act_kind, programmatic, stream);
       } else if (bm == 32 && A <= kGemmNarrowMax)
         launch_gemm<T, 32, 64>(hidden, fc1_w, fc1_b, fc2_w, fc2_b, w, residual, out, fused, drop, tokens, h, f,
                                act_kind, stream);
