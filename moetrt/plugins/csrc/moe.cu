@@ -484,13 +484,14 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(Workspace w, int t
 // 1.9382-1.9493 ms against 1.9740-1.9741 with route_kernel).
 constexpr int kSmallRouteMax = 64;
 __global__ void __launch_bounds__(1024) route_small_kernel(Workspace w, int tokens, int experts, int top_k,
-                                                            int capacity) {
+                                                            int capacity, bool zero_ready) {
   __shared__ int32_t count_s[kMaxExperts];  // per-expert assignment counts, then the experts' first positions
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   enter_after_predecessor();
   for (int t = warp; t < tokens; t += blockDim.x >> 5) warp_topk(w, t, tokens, experts, top_k);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) count_s[e] = 0;
-  for (int i = threadIdx.x; i < kFfnReady; i += blockDim.x) w.ready[i] = 0;
+  if (zero_ready)  // for expert_ffn_kernel after it
+    for (int i = threadIdx.x; i < kFfnReady; i += blockDim.x) w.ready[i] = 0;
   __syncthreads();  // this block's expert_of / prob writes are visible
   if (warp != 0) return;
   const int A = tokens * top_k;
@@ -1422,7 +1423,7 @@ int launch_moe_regime(const T* hidden, const float* gate_weight, const T* fc1_w,
   }
   if (A <= kSmallRouteMax) {
     launch_if(programmatic, route_small_kernel, 1, 32 * std::min(tokens, 32), 0, stream, w, tokens, experts, top_k,
-              capacity);
+              capacity, ffn);
   } else {
     launch_if(programmatic, topk_kernel, (tokens + 7) / 8, 256, 0, stream, w, tokens, experts, top_k);
     launch_if(programmatic, route_kernel, 1, kRouteThreads, (34 * experts) * sizeof(int32_t), stream, w,
