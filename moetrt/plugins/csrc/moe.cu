@@ -970,12 +970,12 @@ __device__ void gemm_prologue(const Workspace& w, GemmRouting& rt, int& n_active
 }
 
 // A block's items of one GEMM (FC1: input rows through perm, bias + activation into act; FC2: act rows, into y
-// or, with kOut, the output), as one stream of k-tiles: items first, first + stride, ... (n_mine of them). kDep 1
+// or, with kOut, the output), as one stream of k-tiles: items first, first + stride, ... below total. kDep 1
 // counts each finished item in ready[slot]; kDep 2 waits, before loading an item's activation rows, until its
 // expert's FC1 items are all counted (ready_per_tile of them per row tile).
 template <typename T, bool FC1, int BM, int BN, bool kOut, int kDep>
 __device__ __forceinline__ void gemm_items(unsigned char* smem, const GemmRouting& rt, int n_active, int first,
-                                           int n_mine, int stride, const T* __restrict__ input,
+                                           int total, int stride, const T* __restrict__ input,
                                            const T* __restrict__ weight, const T* __restrict__ bias, const Workspace& w,
                                            const T* __restrict__ residual, T* __restrict__ out, int tokens, int rows,
                                            int K, int act_kind, int32_t* ready, int ready_per_tile) {
@@ -994,6 +994,7 @@ __device__ __forceinline__ void gemm_items(unsigned char* smem, const GemmRoutin
   const int ch = threadIdx.x % kChunks, row_lo = threadIdx.x / kChunks;
   const int n_tiles = (rows + BN - 1) / BN;
   const int k_tiles = (K + BK - 1) / BK;
+  const int n_mine = first < total ? (total - first + stride - 1) / stride : 0;
   struct Tile { int e, m0, n0, count, off, slot, m_tiles; };
   auto item_of = [&](int j) { return first + j * stride; };
   auto has = [&](int j) { return j < n_mine; };  // the block's j-th item exists
@@ -1202,8 +1203,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_gemm_kernel(
   int n_active;
   gemm_prologue<BM>(w, rt, n_active);
   const int total = rt.tile_start[n_active] * ((rows + BN - 1) / BN);
-  const int n_mine = blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  gemm_items<T, FC1, BM, BN, kOut, 0>(smem, rt, n_active, blockIdx.x, n_mine, gridDim.x, input, weight, bias, w,
+  gemm_items<T, FC1, BM, BN, kOut, 0>(smem, rt, n_active, blockIdx.x, total, gridDim.x, input, weight, bias, w,
                                       residual, out, tokens, rows, K, act_kind, nullptr, 0);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for an architecture without bf16/fp16 MMA: never return silently
@@ -1242,8 +1242,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_ffn_kernel(
   const int m_tiles = rt.tile_start[n_active], n1 = (f + BN - 1) / BN, n2 = (h + BN - 1) / BN;
   const int G = gridDim.x, total1 = m_tiles * n1, total2 = m_tiles * n2;
   auto fc1_items = [&](int b) {  // block b's FC1 items, by whichever block claimed them
-    const int n = b < total1 ? (total1 - b + G - 1) / G : 0;
-    gemm_items<T, true, BM, BN, false, 1>(smem, rt, n_active, b, n, G, hidden, fc1_w, fc1_b, w, nullptr, nullptr,
+    gemm_items<T, true, BM, BN, false, 1>(smem, rt, n_active, b, total1, G, hidden, fc1_w, fc1_b, w, nullptr, nullptr,
                                           tokens, f, h, act_kind, done, 0);
     __syncthreads();  // the pipeline's stages are no longer read
   };
@@ -1264,9 +1263,8 @@ __global__ void __launch_bounds__(gemm_threads<BM>()) expert_ffn_kernel(
       for (int i = 0; i < n_taken; ++i) fc1_items(taken_s[i]);
     }
   }
-  const int n_mine2 = int(blockIdx.x) < total2 ? (total2 - int(blockIdx.x) + G - 1) / G : 0;
-  gemm_items<T, false, BM, BN, kOut, 2>(smem, rt, n_active, blockIdx.x, n_mine2, G, static_cast<const T*>(w.act),
-                                        fc2_w, fc2_b, w, residual, out, tokens, h, f, act_kind, done, n1);
+  gemm_items<T, false, BM, BN, kOut, 2>(smem, rt, n_active, blockIdx.x, total2, G, static_cast<const T*>(w.act), fc2_w,
+                                        fc2_b, w, residual, out, tokens, h, f, act_kind, done, n1);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -1329,10 +1327,10 @@ void launch_expert_gemm(const T* input, const T* weight, const T* bias, const Wo
 }
 
 // expert_ffn_kernel: one wave of what fits (at most kFfnMaxGrid blocks), programmatic where the step's other kernels
-// are (launch_moe_regime). MOETRT_DEBUG_FFN_OVERSUBSCRIBE=1 (read once a process, for tests) gives each block all the shared
-// memory an SM has and launches kFfnMaxGrid blocks: one block an SM is resident while the others wait, as where
-// other kernels or MPS hold most of the GPU, and every resident block has FC2 items that wait on FC1 items of blocks
-// not yet started (the claims' takeover, exercised).
+// are (launch_moe_regime). MOETRT_DEBUG_FFN_OVERSUBSCRIBE=1 (read once a process, for tests) gives each block all
+// the shared memory an SM has and launches kFfnMaxGrid blocks: one block an SM is resident while the others wait,
+// as where other kernels or MPS hold most of the GPU, and every resident block has FC2 items that wait on FC1 items
+// of blocks not yet started (the claims' takeover, exercised).
 template <typename T, int BM, int BN, bool kOut>
 void launch_ffn_gemm(const T* hidden, const T* fc1_w, const T* fc1_b, const T* fc2_w, const T* fc2_b,
                      const Workspace& w, const T* residual, T* out, bool may_drop, int tokens, int h, int f,
