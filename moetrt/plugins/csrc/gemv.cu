@@ -402,7 +402,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kMinBlocks ? kMinBlocks : mma
 // sums meeting in shared memory in a fixed order, fp32 accumulation. H100, first 8 layers
 // of the 350M decode graphs, each library with an engine it tuned, three rounds: batch 12 / 16 / 24 / 32 0.4437 /
 // 0.4668 / 0.6096 / 0.6718 ms against 0.4511 / 0.4730 with it from 17 rows only, and 0.6308 / 0.6857 at 24 / 32
-// without it (another call; docs/bench/log.md).
+// without it (another call; docs/bench/log.md). Past 16 rows it triggers its dependents at entry, as the <= 8-row
+// kernels do (8-layer batch 32 0.6368-0.6371 against 0.6377-0.6380 ms; at 16 rows that lost 2.4%).
 #ifndef MOETRT_GEMV_WIDE
 #define MOETRT_GEMV_WIDE 1
 #endif
@@ -414,6 +415,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
   static_assert(M <= 32 && Vec<T>::N == 8, "32 rows of x at most, 16-bit elements");
   constexpr int MT = (M + 15) / 16, W = kGemvWarps, NO = 8 * NT, THREADS = kGemvWarps * 32;
   constexpr int OPT = (M * NO + THREADS - 1) / THREADS;  // outputs a thread writes
+  if constexpr (M > 16) launch_dependents();  // at entry past 16 rows (above); its dependents wait for its end
   __shared__ float part[W][M][NO];
   __shared__ float stat[kEpi == kEpiFolded ? W : 1][M][2];  // per warp and row: sum, squares of x
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -433,7 +435,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2)
     bias_v[o] = kEpi == kEpiFolded ? (ok ? epi.bias[c] : 0.f) : (bias && ok ? to_float(bias[c]) : 0.f);
     colsum_v[o] = kEpi == kEpiFolded && ok ? epi.colsum[c] : 0.f;
   }
-  enter_after_predecessor();
+  if constexpr (M > 16) dependency_wait();
+  else enter_after_predecessor();
   float res[OPT];  // the residual stream's elements, read before the products
 #pragma unroll
   for (int o = 0; o < OPT; ++o) {
